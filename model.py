@@ -1,0 +1,586 @@
+"""The network every other script stands on: a Llama / Qwen2 / Mistral decoder that loads and saves Hugging Face
+checkpoints, their tokenizer and chat template, and batched generation with a KV cache.
+
+    python model.py --model runs/toy --prompt "Write two sentences about rivers."          # a checkpoint we trained
+    python model.py --model ~/models/Qwen2-0.5B-Instruct --prompt "Name three rivers."    # a real HF checkpoint
+
+Papers: Llama (arXiv 2302.13971; RMSNorm, SwiGLU, rotary embeddings), GQA (arXiv 2305.13245), RoPE (arXiv
+2104.09864), Mistral sliding-window attention (arXiv 2310.06825).
+
+What we simplify or leave out:
+1. Only the three architectures above, RoPE scaling "llama3" and "linear", and MLPs without bias; anything else
+   in a config.json is refused with an error rather than silently run wrong.
+2. The KV cache keeps every position, also outside a sliding window (the mask hides them); no rolling buffer.
+3. The chat template is not run through jinja: we recognise the two families (ChatML, Llama 3) from the
+   template string in tokenizer_config.json and render them in Python. Tools and multimodal content are not
+   supported. Tests check our ids against the ids transformers produces from the real templates.
+4. The forward pass returns final-norm hidden states, never logits: the losses need only the rows of
+   `hidden @ lm_head.weight.T` at the response tokens, and iopo.py computes them chunk by chunk.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Config
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("llama3", "linear")  # rope_type "default" is stored as rope_scaling=None
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"  # "llama" | "qwen2" | "mistral" (same network; they differ in biases and windows)
+    vocab_size: int = 512  # rows of the embedding and of lm_head
+    hidden_size: int = 64  # D, the residual stream width
+    intermediate_size: int = 172  # width of the SwiGLU MLP
+    num_hidden_layers: int = 2  # number of transformer blocks
+    num_attention_heads: int = 4  # query heads H
+    num_key_value_heads: int = 2  # key/value heads; H must be a multiple (GQA; == H is plain multi-head)
+    head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048  # longest sequence the model was trained for (used by llama3 RoPE)
+    rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} or None
+    attention_bias: bool = False  # bias on q/k/v projections (always on for Qwen2)
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    sliding_window: int | None = None  # each query sees at most this many keys (itself included); None = all
+    max_window_layers: int = 0  # Qwen2: only layers with index >= this one use the sliding window
+    bos_token_id: int | None = None  # beginning of sequence token, if the tokenizer has one
+    eos_token_id: int | list[int] | None = None  # token(s) that end generation
+    torch_dtype: str = "float32"  # dtype the weights are stored in
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {list(ARCHITECTURES)}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.model_type == "qwen2":
+            self.attention_bias = True  # Qwen2 always has q/k/v biases; its config.json has no flag for it
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
+            raise ValueError(f"RoPE scaling {self.rope_scaling.get('rope_type')!r} is not supported; "
+                             f"expected one of {ROPE_TYPES} or none")
+
+    def layer_uses_window(self, i):
+        return self.sliding_window is not None and i >= self.max_window_layers
+
+    @classmethod
+    def from_hf(cls, path_or_dict):
+        """Read a Hugging Face config.json (a dict, a file, or a folder holding one), in the legacy layout
+        (rope_theta, rope_scaling, torch_dtype) or the transformers-5 one (rope_parameters, dtype)."""
+        source = "config dict"
+        if isinstance(path_or_dict, dict):
+            hf = dict(path_or_dict)
+        else:
+            path = Path(path_or_dict)
+            path = path / "config.json" if path.is_dir() else path
+            source = str(path)
+            hf = read_json(path)
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of {list(ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
+            raise ValueError(f"{source}: only a bias-free SiLU MLP is supported (hidden_act={hf.get('hidden_act')!r}, "
+                             f"mlp_bias={hf.get('mlp_bias')!r})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"{source}: required field {key!r} is missing")
+
+        # RoPE: transformers 5 puts everything in rope_parameters; older files use rope_theta + rope_scaling
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if rope and all(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"{source}: per-layer-type rope_parameters are not supported")
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        if rope_type == "default":
+            rope_scaling = None
+        elif rope_type in ROPE_TYPES:
+            rope_scaling = {"rope_type": rope_type, **rope}
+            if rope_type == "llama3":
+                rope_scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+        else:
+            raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not supported; expected one of {ROPE_TYPES} or default")
+
+        # Sliding window: Mistral uses it whenever it is set; Qwen2 only with use_sliding_window, and then only
+        # in the layers from max_window_layers on (as transformers does)
+        window = hf.get("sliding_window")
+        max_window_layers = 0
+        if model_type == "qwen2":
+            if not hf.get("use_sliding_window", False):
+                window = None
+            max_window_layers = hf.get("max_window_layers", 28)
+        elif model_type == "llama":
+            window = None
+
+        heads = hf["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            attention_bias=bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            max_window_layers=max_window_layers,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
+        )
+
+    def to_hf(self):
+        """The legacy config.json layout, which both transformers 4 and 5 read."""
+        hf = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.torch_dtype,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+        if self.model_type == "llama":
+            hf.update(attention_bias=self.attention_bias, mlp_bias=False)
+        elif self.model_type == "qwen2":
+            hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                      max_window_layers=self.max_window_layers)
+        else:
+            hf.update(sliding_window=self.sliding_window)
+        return hf
+
+
+# Toy sizes for models trained from scratch on a CPU; the vocabulary comes from the tokenizer.
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "toy": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
+}
+
+
+def toy_config(vocab_size, preset="toy", **overrides):
+    """A tied-embedding Llama of one of the PRESETS sizes (toy: about 3.4M parameters plus 256 * vocab_size)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
+    kwargs = dict(PRESETS[preset], model_type="llama", vocab_size=vocab_size, tie_word_embeddings=True,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5)
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# Building blocks: RMSNorm, RoPE, attention, MLP, block
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()  # the mean of squares in float32, also for bfloat16 weights
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config, device=None):
+    """theta_i = base^(-2i/d) for i < d/2, with llama3 or linear scaling applied (as transformers computes them)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3 (Llama 3.1 report, sec. 3.3): long wavelengths are slowed by `factor`, short ones kept, and the
+    # band between low_freq_wavelen and high_freq_wavelen interpolated smoothly
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(config, position_ids, dtype):
+    inv_freq = rope_inv_freq(config, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, hd), broadcast over heads
+
+
+def apply_rope(x, cos, sin):
+    # Two layouts exist for the pairs that RoPE rotates. The original (and Meta's checkpoints) rotate adjacent
+    # pairs (x0, x1), (x2, x3), ...; Hugging Face rotates (x_i, x_{i + d/2}), "rotate half", and permutes the
+    # q/k weights on conversion to match. We use the HF layout so its checkpoints load with no permutation.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        # Llama's attention_bias also puts a bias on o_proj; Qwen2 has biases on q/k/v only
+        self.o_proj = nn.Linear(self.n_heads * self.hd, config.hidden_size, bias=bias and config.model_type == "llama")
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, hd), S = cached + T
+        if self.n_kv != self.n_heads:  # GQA: each key/value head serves H/KV consecutive query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        # mask is None (plain causal), "all" (one new token sees the whole cache) or a (B, 1, T, S) bool tensor
+        if isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model and its KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus which slots hold real tokens (not padding).
+    forward(..., kv_cache=cache) writes its T new positions at cache.pos and then advances cache.pos."""
+
+    def __init__(self, model, batch_size, max_len, dtype=None, device=None):
+        c, p = model.config, model.model.embed_tokens.weight
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
+        self.k = [torch.zeros(shape, **kw) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, **kw) for _ in range(c.num_hidden_layers)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=kw["device"])  # (B, max_len)
+        self.max_len, self.pos = max_len, 0
+
+    def update(self, layer_idx, k, v):
+        end = self.pos + k.shape[2]
+        self.k[layer_idx][:, :, self.pos:end] = k
+        self.v[layer_idx][:, :, self.pos:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+
+def attention_mask_for(key_mask, past, T, window):
+    """(B, 1, T, S) bool, True where query t may attend key s: causal, not padding, and inside the window."""
+    S = key_mask.shape[1]
+    q_idx = torch.arange(past, past + T, device=key_mask.device)[:, None]
+    k_idx = torch.arange(S, device=key_mask.device)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    mask = allowed[None, None] & key_mask[:, None, None, :]
+    # A padding query can have no key at all (left padding); let it see every key so its row stays finite
+    # (its output is never used, but a NaN there would poison sums that multiply it by zero)
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: activations cost one block
+        self.init_weights()
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() may replace Parameters instead of updating them in place; re-tie afterwards
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, 0.02) everywhere, and 0.02 / sqrt(2 * layers) for the two projections that write into the
+        residual stream, so its variance does not grow with depth (GPT-2 paper, sec. 2.3)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+        """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side.
+        Returns the final-norm hidden states (B, T, D); logits would be hidden @ self.lm_head.weight.T."""
+        B, T = input_ids.shape
+        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.to(torch.bool))
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            if past + T > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {past} used, {T} more requested")
+            kv_cache.mask[:, past:past + T] = mask
+            mask = kv_cache.mask[:, :past + T]  # (B, S) over every cached key
+        if position_ids is None:  # count real tokens only, so padding never shifts positions
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        padded = not bool(mask.all())
+        masks = {}
+        for window in {self.config.sliding_window if self.config.layer_uses_window(i) else None
+                       for i in range(self.config.num_hidden_layers)}:
+            if padded or (window is not None and past + T > window) or (past > 0 and T > 1):
+                masks[window] = attention_mask_for(mask, past, T, window)
+            else:
+                masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
+
+        for i, layer in enumerate(self.model.layers):
+            layer_mask = masks[self.config.sliding_window if self.config.layer_uses_window(i) else None]
+            if self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, layer_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layer_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        return hidden @ self.lm_head.weight.T  # (..., V)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Hugging Face folders of config.json + safetensors (one file, or shards with an index)
+
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def checkpoint_files(path):
+    """{tensor name: file} for a folder, reading only the safetensors headers (never the data)."""
+    path = Path(path)
+    if (path / INDEX_NAME).is_file():
+        index = read_json(path / INDEX_NAME)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{path / INDEX_NAME}: no 'weight_map' object")
+        where = {name: path / shard for name, shard in index["weight_map"].items()}
+        for name, file in where.items():
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: shard not found (listed in {path / INDEX_NAME} for tensor {name!r})")
+    elif (path / WEIGHTS_NAME).is_file():
+        where = dict.fromkeys(safetensors_keys(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+    else:
+        raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+    for file in set(where.values()):  # every tensor the index promises must be in its shard
+        present = set(safetensors_keys(file))
+        for name in (n for n, f in where.items() if f == file and n not in present):
+            raise ValueError(f"missing tensor {name!r}: not in {file} (where {INDEX_NAME} says it is)")
+    return where
+
+
+def safetensors_keys(file):
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """Load a Hugging Face checkpoint folder into a Transformer, in the checkpoint's dtype unless `dtype` says
+    otherwise. The module is built on the meta device (no memory) and each tensor is read from its memory-mapped
+    file, converted and placed on its own, so the peak stays near one copy of the weights."""
+    path = Path(path)
+    config = ModelConfig.from_hf(path / "config.json")
+    where = checkpoint_files(path)
+    if "lm_head.weight" not in where:  # no head in the file means it is tied to the embedding
+        config.tie_word_embeddings = True
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        where.pop("lm_head.weight", None)  # a tied checkpoint may still store a copy; transformers ignores it too
+    for name in where.keys() - expected.keys():
+        raise ValueError(f"unexpected tensor {name!r} in {where[name]} (not part of a {config.model_type} model "
+                         f"with {config.num_hidden_layers} layers)")
+    for name in expected.keys() - where.keys():
+        raise ValueError(f"missing tensor {name!r}: not found in {path}")
+
+    state = {}
+    for file in sorted(set(where.values())):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in (n for n in where if where[n] == file):
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name]):
+                    raise ValueError(f"tensor {name!r} in {file} has shape {list(shape)}, expected {list(expected[name])}")
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"tensor {name!r} in {file} cannot be read ({e})") from None
+                if dtype is None:
+                    dtype = t.dtype  # the first tensor decides: the checkpoint's own dtype
+                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
+    """Write a folder that both load_model and transformers read: config.json, generation_config.json and the
+    weights (one model.safetensors, or shards plus an index above max_shard_bytes; a tied head is stored once),
+    plus the tokenizer files from tokenizer_dir. Every file is written to a temporary name and renamed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del tensors["lm_head.weight"]
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json_atomic(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for stale in [path / WEIGHTS_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
+        if stale.name not in names and not (stale.name == INDEX_NAME and len(shards) > 1):
+            stale.unlink(missing_ok=True)  # weights of an earlier save would shadow or mix with these
+
+    write_json_atomic(path / "config.json", {**config.to_hf(), "torch_dtype": dtype})
+    write_json_atomic(path / "generation_config.json",
+                      {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+    if tokenizer_dir is not None:  # the tokenizer folder's generation_config.json, if any, replaces ours
+        tokenizer_dir = Path(tokenizer_dir)
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'}: file not found")
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                write_atomic(path / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
