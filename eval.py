@@ -1,0 +1,544 @@
+"""Generate answers with a model and score them: TRACE (IF-S / IF-M), CFBench-style CSR / ISR / PSR, IFEval.
+
+Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help`):
+
+    python eval.py trace  --data runs/toy/eval.jsonl --model runs/toy/iopo --out runs/toy/eval_iopo
+    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model /ckpt/Qwen2-7B-Instruct --out runs/ifeval
+    python eval.py compare runs/toy/eval_sft/report.json runs/toy/eval_iopo/report.json
+
+Follows: IOPO (arXiv 2411.06208) Table 3 for the metric set; CFBench (arXiv 2408.01122) for CSR / ISR / PSR;
+IFEval (arXiv 2311.07911) for its 25 verifiable instruction types, strict and loose.
+
+What we simplify or leave out:
+1. TRACE constraints are judged by trace_gen.py's deterministic checkers, not by a GPT-4o judge as in the
+   paper; our CFBench numbers are those formulas applied to the same per-constraint verdicts.
+2. IFEval's official scorer calls langdetect and NLTK. We re-implement what it needs from scratch: a
+   script-and-stopword language identifier, a Punkt-style English sentence splitter (NLTK's learned
+   abbreviation list, but no learned orthographic table) and a Treebank-style tokenizer for counting
+   capitalised words. Where these can disagree with the libraries is listed in the README.
+3. Two IFEval prompts ask for the frequency of "#" / "!" in `letter_frequency`; the official code swaps in a
+   random letter there, we count the character that was asked for.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# Small file helpers
+
+
+def read_jsonl(path):
+    """Read a JSONL file into a list of dicts; a bad line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno} is not valid JSON ({e.msg})")
+            if not isinstance(row, dict):
+                raise SystemExit(f"error: {path}:{lineno} should hold a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def write_atomic(path, text):
+    """Write text to path through a temporary file in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Language identification (stands in for langdetect in IFEval's language checks)
+#
+# langdetect scores character n-grams against 55 Wikipedia-trained profiles. We decide in two steps that
+# rarely disagree with it on real answers: the writing system with the most letters picks a group of
+# languages, and inside a group that several languages share (Latin, Cyrillic, Arabic, Devanagari) the
+# language whose common function words occur most often wins. Like langdetect, URLs and e-mail addresses are
+# ignored, Latin letters are ignored when other letters outnumber them more than two to one, and a text
+# without any letter from a known script has no answer (IFEval then counts the instruction as followed).
+
+_SCRIPTS = [  # (first code point, last code point, script); ASCII and Latin blocks are handled apart
+    (0x0370, 0x03FF, "greek"), (0x0400, 0x052F, "cyrillic"), (0x0590, 0x05FF, "hebrew"),
+    (0x0600, 0x06FF, "arabic"), (0x0750, 0x077F, "arabic"), (0x0900, 0x097F, "devanagari"),
+    (0x0980, 0x09FF, "bn"), (0x0A00, 0x0A7F, "pa"), (0x0A80, 0x0AFF, "gu"), (0x0B80, 0x0BFF, "ta"),
+    (0x0C00, 0x0C7F, "te"), (0x0C80, 0x0CFF, "kn"), (0x0D00, 0x0D7F, "ml"), (0x0E00, 0x0E7F, "th"),
+    (0x1100, 0x11FF, "ko"), (0x3040, 0x30FF, "ja"), (0x3130, 0x318F, "ko"), (0x4E00, 0x9FFF, "zh-cn"),
+    (0xAC00, 0xD7AF, "ko"), (0xFB50, 0xFDFF, "arabic"), (0xFE70, 0xFEFF, "arabic"),
+]
+
+# Frequent function words per language (our own short lists). Latin-script languages outside IFEval's set
+# (es, fr, nl) are there so that, say, Spanish is not called Portuguese just because pt is the only option.
+_STOPWORDS = {
+    "latin": {
+        "en": "the and of to a in is that it for was on are with as be this have not but by from they you or an "
+              "at his her we can will which their there all would so if more what about one do also has been "
+              "were when how your these some into other only than then its our them may just like should "
+              "could because most such each many much very who",
+        "de": "der die das und ist nicht ein eine zu den von mit sich des auf für im dem auch es als an wird "
+              "werden sind bei oder wie aus nach noch ich sie er wir ihr aber einen einer kann zum zur über "
+              "dass nur um hat haben wenn sehr",
+        "it": "il di che la è e per un una non in del della le dei delle sono con si da al alla lo gli anche "
+              "come più ma questo questa nel nella ha essere ci mi io ti loro può tra sul molto",
+        "pt": "de que o a do da em um uma para é com não os as dos das no na por mais se ao como mas foi ele "
+              "ela seu sua ou são também pelo pela isso está muito você nos já eu",
+        "es": "el la de que y en los las del se por un una con no es para al lo como más pero sus le ya o "
+              "este si porque esta entre cuando muy sin sobre también me hasta hay donde",
+        "fr": "le la les de des et un une est en du que qui dans pour pas sur au avec ce il elle ne se sont "
+              "plus par mais nous vous ou aux cette été être fait comme",
+        "nl": "de het een en van is dat op te zijn niet met voor die er maar om als ook aan door bij wordt "
+              "naar dit werd kan hij ze zij nog wel geen",
+        "sw": "na ya wa za kwa ni la katika kuwa cha vya ili hii kama lakini pia au huu hiyo sana yake wako "
+              "zaidi kila mimi wewe yeye sisi wao hakuna kutoka watu ndani baada kabla",
+        "fi": "ja on ei se että oli ovat mutta kun tai myös joka hän ne kuin jos niin tämä sen voi olla mitä "
+              "vain ole siitä sekä minä sinä me te he kanssa jo nyt",
+        "vi": "và của là có không những được các cho một người trong với này đã để từ khi như đến cũng thì "
+              "nhưng rất sẽ ra đó làm nhiều",
+    },
+    "devanagari": {
+        "hi": "है के में की और का को से हैं यह एक पर भी नहीं कि था लिए ने हो तो इस कर जो गया या होता वह आप हम थे रहा",
+        "mr": "आहे आणि या च्या हे ते की व ला मध्ये आहेत होते करण्यासाठी तो ती त्या काही म्हणून पण असे नाही होता "
+              "आपण तुम्ही झाले",
+        "ne": "छ र मा हो गर्न पनि यो त्यो लागि भएको गरेको छन् थियो तथा भने हुन्छ हुने गरी रहेको तपाईं हामी",
+    },
+    "arabic": {
+        "ar": "في من على إلى أن عن مع هذا هذه التي الذي كان ما لا هو هي كل بين أو قد ذلك ثم لم عند",
+        "fa": "و در به از که این را با است برای آن یک تا می خود هم بر شد شده کرد نیز ها او اما یا",
+        "ur": "کے میں کی ہے اور سے کا کو یہ ہیں نے پر بھی ایک تھا کہ جو ہو گا وہ لیے کر تو",
+    },
+    "cyrillic": {
+        "ru": "и в не на что с по это как к из но он она они для от у же так все его был было быть мы вы я "
+              "то или при только",
+        "bg": "и в на е да се не с за от по че са това как но той тя те ще към при си или след което му "
+              "беше бъде",
+        "uk": "і в на не що з та до у як це для від але він вона вони бути є так або",
+    },
+}
+_STOPWORDS = {group: {lang: set(words.split()) for lang, words in langs.items()}
+              for group, langs in _STOPWORDS.items()}
+_WORD_EDGES = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~«»“”‘’،؛؟।॥…—–0123456789"
+_URL_RE = re.compile(r"https?://[-_.?&~;+=/#0-9A-Za-z]{1,2076}")
+_EMAIL_RE = re.compile(r"[-_.0-9A-Za-z]{1,64}@[-_0-9A-Za-z]{1,255}[-_.0-9A-Za-z]{1,255}")
+
+
+def _script_of(ch):
+    cp = ord(ch)
+    if cp < 0x250 or 0x1E00 <= cp <= 0x1EFF:  # ASCII, Latin-1, Latin Extended A/B and Additional (Vietnamese)
+        return "latin"
+    for lo, hi, script in _SCRIPTS:
+        if lo <= cp <= hi:
+            return script
+    return None
+
+
+def detect_language(text):
+    """ISO 639-1 code of the main language of text (langdetect's codes), or None when it has no usable letters."""
+    text = _EMAIL_RE.sub(" ", _URL_RE.sub(" ", text))
+    counts = collections.Counter(_script_of(ch) for ch in text if ch.isalpha())
+    counts.pop(None, None)
+    non_latin = sum(n for script, n in counts.items() if script != "latin")
+    if counts["latin"] * 2 < non_latin:
+        counts.pop("latin", None)
+    if not counts:
+        return None
+    script = max(counts, key=lambda s: (counts[s], s == "latin"))
+    if script == "latin" and sum(1 for ch in text if 0x1EA0 <= ord(ch) <= 0x1EF9 or ch in "ơưđƠƯĐ") * 20 >= counts["latin"]:
+        return "vi"  # Vietnamese tone marks (Latin Extended Additional) are not used by any other language
+    if script not in _STOPWORDS:
+        return {"greek": "el", "hebrew": "he"}.get(script, script)
+    words = [w.strip(_WORD_EDGES) for w in text.lower().split()]  # not \w+: it breaks Indic words at vowel signs
+    languages = _STOPWORDS[script]
+    score = {lang: sum(w in stop for w in words) for lang, stop in languages.items()}
+    if script == "cyrillic":  # letters that only one of the three uses
+        score["ru"] += 3 * sum(text.count(c) for c in "ыэёЫЭЁ")
+        score["uk"] += 3 * sum(text.count(c) for c in "іїєґІЇЄҐ")
+    best = max(score, key=score.get)  # ties go to the first listed language
+    return best
+
+
+# -----------------------------------------------------------------------------
+# English sentence splitting (stands in for NLTK's Punkt, which IFEval uses to count sentences)
+#
+# Punkt (Kiss & Strunk 2006) marks a token ending in "." as a sentence break unless the word is a known
+# abbreviation, then revisits each "." with the token after it: a numbered item ("3.") or an initial ("J.")
+# followed by a lower-case word is not a break, an abbreviation followed by a typical sentence starter is.
+# The three tables below are the learned English parameters that NLTK ships (punkt_tab/english); NLTK's
+# fourth table, how often each of 20k words was seen capitalised where, is replaced by two rules of thumb:
+# a capitalised word is never a sure sentence start, and a common English word counts as seen lower-case.
+
+_PUNKT_ABBREVIATIONS = set("""
+a.a a.c a.d a.g a.h a.m a.m.e a.s a.t adm ala ariz aug ave b.f b.v bros c c.i.t c.o.m.b c.v calif chg cie co
+col colo conn corp cos ct d d.c d.h d.w dec dr e e.f e.h e.l e.m f f.g f.j feb fla fri ft g g.d g.f g.k ga gen
+h h.c h.f h.m i.m.s ill inc j.b j.c j.j j.k j.p j.r jan jr k kan ky l l.a l.f l.p lt ltd m m.b.a m.d.c m.j maj
+messrs mg mich minn mr mrs ms n n.c n.d n.h n.j n.m n.v n.y nev nov oct ok okla ore p p.a.m p.m pa ph.d prof r
+r.a r.h r.i r.j r.k r.t rep reps s s.a s.a.y s.c s.g s.p.a s.s sen sep sept sr st sw t t.j tenn tues u.k u.n
+u.s u.s.a u.s.s.r v va vs vt w w.c w.r w.va w.w wash wed wis yr
+""".split()) | {". . "}
+_PUNKT_SENT_STARTERS = set("""
+according although among both but despite even he however i if in indeed instead it many meanwhile moreover
+most nevertheless nonetheless nor sales separately similarly since so some the there these they this though
+thus under when while yet
+""".split())
+_PUNKT_COLLOCATIONS = {("##number##", w) for w in """abreast aes business cbot colgate commodities cooper
+corrections credit dividend financing genentech henley insider international leisure letters notable pay-fone
+pegasus pepper review rj wedgestone who zimmer""".split()} | {
+    ("b", "edelman"), ("b", "levine"), ("b", "smith"), ("b", "stewart"), ("b", "wigton"), ("i", "magnin"),
+    ("i", "toussie"), ("j", "aron"), ("j", "fialka"), ("j", "walter"), ("o", "ludcke")}
+
+_NON_WORD = r"(?:[)\";}\]\*:@\'\({\[\u2018\u2019\u201c\u201d\xab\xbb?!])"  # chars that end a word token
+_MULTI_PUNCT = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)"  # dashes "--" and ellipses
+_PUNKT_WORD_RE = re.compile(
+    rf"{_MULTI_PUNCT}|(?=[^\(\"\`{{\[:;&\#\*@\)}}\]\-,])\S+?(?=\s|$|{_NON_WORD}|{_MULTI_PUNCT}"
+    rf"|,(?=$|\s|{_NON_WORD}|{_MULTI_PUNCT}))|\S")
+_PERIOD_CONTEXT_RE = re.compile(rf"[.?!](?=(?P<after_tok>{_NON_WORD}|\s+(?P<next_tok>\S+)))")
+_REALIGN_RE = re.compile(r'["\')\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\s+|(?=--)|$)', re.MULTILINE)
+_NUMBER_RE = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$")
+
+
+class _PunktToken:
+    """One word of a candidate break's context, with the flags Punkt sets on it."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.type = _NUMBER_RE.sub("##number##", tok.lower())
+        self.period_final = tok.endswith(".")
+        self.is_initial = re.match(r"[^\W\d]\.$", tok) is not None
+        self.first_upper, self.first_lower = tok[0].isupper(), tok[0].islower()
+        self.sentbreak = self.abbr = self.ellipsis = False
+
+    def type_no_period(self):
+        return self.type[:-1] if len(self.type) > 1 and self.type.endswith(".") else self.type
+
+    def type_no_sentperiod(self):
+        return self.type_no_period() if self.sentbreak else self.type
+
+
+def _seen_lowercase(word_type):
+    """Stand-in for Punkt's orthographic table: has this word been seen lower-case? (true for common words)"""
+    return word_type in _STOPWORDS["latin"]["en"] or word_type in _PUNKT_SENT_STARTERS
+
+
+def _ortho_says_start(tok):
+    """Punkt's orthographic heuristic: True / False / 'unknown' for 'tok starts a sentence'."""
+    if tok.tok in (";", ":", ",", ".", "!", "?"):
+        return False
+    if tok.first_lower:  # NLTK: lower-case and either seen capitalised or never seen starting a sentence
+        return False
+    return "unknown"
+
+
+def _contains_sentbreak(context):
+    """Annotate the words of one candidate break's context; True if a break is followed by another token."""
+    toks = []
+    for line in context.split("\n"):
+        toks.extend(_PunktToken(t) for t in _PUNKT_WORD_RE.findall(line))
+    for t in toks:  # first pass: what each token looks like on its own
+        if t.tok in (".", "?", "!"):
+            t.sentbreak = True
+        elif re.match(r"\.\.+$", t.tok):
+            t.ellipsis = True
+        elif t.period_final and not t.tok.endswith(".."):
+            stem = t.tok[:-1].lower()
+            if stem in _PUNKT_ABBREVIATIONS or stem.split("-")[-1] in _PUNKT_ABBREVIATIONS:
+                t.abbr = True
+            else:
+                t.sentbreak = True
+    for t, nxt in zip(toks, toks[1:]):  # second pass: revisit a final "." in the light of the next token
+        if not t.period_final:
+            continue
+        typ, next_typ = t.type_no_period(), nxt.type_no_sentperiod()
+        if (typ, next_typ) in _PUNKT_COLLOCATIONS:
+            t.sentbreak, t.abbr = False, True
+        elif (t.abbr or t.ellipsis) and not t.is_initial:
+            if _ortho_says_start(nxt) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
+                t.sentbreak = True
+        elif t.is_initial or typ == "##number##":
+            says = _ortho_says_start(nxt)
+            if says is False or (says == "unknown" and t.is_initial and nxt.first_upper
+                                 and not _seen_lowercase(next_typ)):
+                t.sentbreak, t.abbr = False, True
+    return any(t.sentbreak for t in toks[:-1])
+
+
+def _candidate_breaks(text):
+    """Each '.', '?' or '!' that may end a sentence, with its context: the word before it and the token after."""
+    prev_match, prev_span = None, (0, 0)
+    for m in _PERIOD_CONTEXT_RE.finditer(text):
+        before = text[prev_span[1]:m.start()]
+        last_space = max((i for i, c in enumerate(before) if c in " \t\n\r\x0b\x0c"), default=0)
+        # NLTK treats a space at offset 0 like no space at all; we keep that quirk to count the same.
+        start = last_space + prev_span[1] + 1 if last_space else prev_span[0]
+        if prev_match is not None and prev_span[1] <= start:  # overlapping runs like "!!!" keep the last one
+            yield prev_match, text[prev_span[0]:prev_span[1]] + prev_match.group() + prev_match.group("after_tok")
+        prev_match, prev_span = m, (start, m.start())
+    if prev_match is not None:
+        yield prev_match, text[prev_span[0]:prev_span[1]] + prev_match.group() + prev_match.group("after_tok")
+
+
+def split_sentences(text):
+    """Split English text into sentences the way NLTK's Punkt does (closing quotes and brackets stay behind)."""
+    spans, last = [], 0
+    for m, context in _candidate_breaks(text):
+        if _contains_sentbreak(context):
+            spans.append((last, m.end()))
+            last = m.start("next_tok") if m.group("next_tok") else m.end()
+    spans.append((last, len(text.rstrip())))
+    sentences, shift = [], 0
+    for i, (start, end) in enumerate(spans):
+        start += shift
+        if i + 1 < len(spans):
+            m = _REALIGN_RE.match(text[spans[i + 1][0]:spans[i + 1][1]])
+            if m:  # a closing quote or bracket after the break belongs to this sentence
+                sentences.append(text[start:spans[i + 1][0] + len(m.group(0).rstrip())])
+                shift = m.end()
+                continue
+            shift = 0
+        if text[start:end]:
+            sentences.append(text[start:end])
+    return sentences
+
+
+# -----------------------------------------------------------------------------
+# Word tokens for counting capitalised words (stands in for nltk.word_tokenize, Penn Treebank conventions)
+#
+# Only which tokens are fully upper-case matters, and punctuation is never upper-case, so we only need the
+# rules that cut a word in two: clitics ("DON'T" -> "DO" "N'T", "I'm" -> "I" "'m"), ":" or "," glued
+# between words, symbols such as ;@#$%&*?! and brackets, dashes, curly quotes, and a few fused words
+# ("CANNOT" -> "CAN" "NOT").
+
+_TREEBANK_SPLITS = [  # (pattern, replacement), applied in order, exactly as NLTK's tokenizer orders them
+    (r"([«“‘„]|[`]+)", r" \1 "),
+    (r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),  # an opening single quote
+    (r"([:,])([^\d])", r" \1 \2"), (r"([:,])$", r" \1 "), (r"\.{2,}", r" \g<0> "), (r"[;@#$%&]", r" \g<0> "),
+    (r"[\u2012-\u2015]", r" \g<0> "), (r"[?!]", r" \g<0> "), (r"([^'])' ", r"\1 ' "), (r"[*]", r" \g<0> "),
+    (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "), (r"--", r" -- "),
+]
+_TREEBANK_CLITICS = [  # applied to the text padded with spaces
+    (r"([»”’])", r" \1 "), (r"''", " '' "), (r'"', " '' "), (r"\s+", " "),
+    (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "), (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
+    (r"(?i)\b(can)(not)\b", r" \1 \2 "), (r"(?i)\b(d)('ye)\b", r" \1 \2 "), (r"(?i)\b(gim)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(gon)(na)\b", r" \1 \2 "), (r"(?i)\b(got)(ta)\b", r" \1 \2 "), (r"(?i)\b(lem)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(more)('n)\b", r" \1 \2 "), (r"(?i)\b(wan)(na)(?=\s)", r" \1 \2 "),
+    (r"(?i) ('t)(is)\b", r" \1 \2 "), (r"(?i) ('t)(was)\b", r" \1 \2 "),
+]
+_TREEBANK_SPLITS = [(re.compile(p), r) for p, r in _TREEBANK_SPLITS]
+_TREEBANK_CLITICS = [(re.compile(p), r) for p, r in _TREEBANK_CLITICS]
+
+
+def word_tokens(text):
+    """Treebank-style word tokens, good enough to count all-capital words as nltk.word_tokenize would."""
+    tokens = []
+    for sentence in split_sentences(text):  # anchored rules ("^", "$") see one sentence at a time, as in NLTK
+        for pattern, repl in _TREEBANK_SPLITS:
+            sentence = pattern.sub(repl, sentence)
+        sentence = " " + sentence + " "
+        for pattern, repl in _TREEBANK_CLITICS:
+            sentence = pattern.sub(repl, sentence)
+        tokens.extend(sentence.split())
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# IFEval: the 25 instruction types
+#
+# Each checker takes the response and the instruction's kwargs and returns True when it is followed. The
+# semantics follow the official instructions.py, quirks included (documented in ../shared/IFEVAL.md): the
+# keyword checks treat keywords as regular expressions, the bullet count also counts "-" lines, and so on.
+
+
+def _compare(actual, relation, n):
+    if relation == "less than":
+        return actual < n
+    if relation == "at least":
+        return actual >= n
+    raise ValueError(f"relation must be 'less than' or 'at least', got {relation!r}")
+
+
+def _count_highlights(r):
+    single = [h for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip()]
+    double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h.removeprefix("**").removesuffix("**").strip()]
+    return len(single) + len(double)
+
+
+def _paragraphs_ok(r, n):
+    pieces = re.split(r"\s?\*\*\*\s?", r)
+    count = len(pieces)
+    for i, piece in enumerate(pieces):
+        if not piece.strip():
+            if i in (0, len(pieces) - 1):
+                count -= 1
+            else:
+                return False  # an empty paragraph between two dividers
+    return count == n
+
+
+def _nth_paragraph_ok(r, num_paragraphs, nth_paragraph, first_word):
+    pieces = r.split("\n\n")
+    count = sum(1 for p in pieces if p.strip())
+    if nth_paragraph > count:
+        return False
+    paragraph = pieces[nth_paragraph - 1].strip()  # indexes the raw pieces, empty ones included
+    if not paragraph:
+        return False
+    word = paragraph.split()[0].strip().lstrip("'").lstrip('"')
+    word = re.split(r"[.,?!'\"]", word)[0].lower()
+    return count == num_paragraphs and word == first_word.lower()
+
+
+def _two_responses_ok(r):
+    pieces = r.split("******")
+    kept = []
+    for i, piece in enumerate(pieces):
+        if piece.strip():
+            kept.append(piece)
+        elif i not in (0, len(pieces) - 1):
+            return False
+    return len(kept) == 2 and kept[0].strip() != kept[1].strip()
+
+
+def _json_ok(r):
+    r = r.strip()
+    for fence in ("```json", "```Json", "```JSON", "```"):
+        r = r.removeprefix(fence)
+    r = r.removesuffix("```").strip()
+    try:
+        json.loads(r)
+    except ValueError:
+        return False
+    return True
+
+
+def _postscript_ok(r, marker):
+    if marker == "P.P.S":
+        pattern = r"\s*p\.\s?p\.\s?s.*$"
+    elif marker == "P.S.":
+        pattern = r"\s*p\.\s?s\..*$"
+    else:
+        pattern = r"\s*" + marker.lower() + r".*$"
+    return bool(re.findall(pattern, r.lower(), flags=re.MULTILINE))
+
+
+def _language_is(r, language):
+    found = detect_language(r)
+    return found is None or found == language  # no usable letters: counted as followed, like the official code
+
+
+IFEVAL_CHECKS = {  # instruction id -> check(response, **kwargs) -> bool
+    "keywords:existence": lambda r, keywords: all(re.search(k, r, flags=re.IGNORECASE) for k in keywords),
+    "keywords:frequency": lambda r, keyword, frequency, relation: _compare(
+        len(re.findall(keyword.strip(), r, flags=re.IGNORECASE)), relation, frequency),
+    "keywords:forbidden_words": lambda r, forbidden_words: not any(
+        re.search(r"\b" + w + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
+    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: _compare(
+        collections.Counter(r.lower())[letter.strip().lower()], let_relation, let_frequency),
+    "language:response_language": lambda r, language: _language_is(r, language),
+    "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
+        len(split_sentences(r)), relation, num_sentences),
+    "length_constraints:number_paragraphs": lambda r, num_paragraphs: _paragraphs_ok(r, num_paragraphs),
+    "length_constraints:number_words": lambda r, num_words, relation: _compare(
+        len(re.findall(r"\w+", r)), relation, num_words),
+    "length_constraints:nth_paragraph_first_word": _nth_paragraph_ok,
+    "detectable_content:number_placeholders": lambda r, num_placeholders: len(
+        re.findall(r"\[.*?\]", r)) >= num_placeholders,
+    "detectable_content:postscript": lambda r, postscript_marker: _postscript_ok(r, postscript_marker),
+    "detectable_format:number_bullet_lists": lambda r, num_bullets: len(
+        re.findall(r"^\s*\*[^\*].*$", r, flags=re.MULTILINE)) + len(
+        re.findall(r"^\s*-.*$", r, flags=re.MULTILINE)) == num_bullets,
+    "detectable_format:constrained_response": lambda r: any(
+        a in r.strip() for a in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
+    "detectable_format:number_highlighted_sections": lambda r, num_highlights: _count_highlights(r) >= num_highlights,
+    "detectable_format:multiple_sections": lambda r, section_spliter, num_sections: len(
+        re.split(r"\s?" + section_spliter + r"\s?\d+\s?", r)) - 1 >= num_sections,
+    "detectable_format:json_format": _json_ok,
+    "detectable_format:title": lambda r: any(
+        t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", r)),
+    "combination:two_responses": _two_responses_ok,
+    "combination:repeat_prompt": lambda r, prompt_to_repeat: r.strip().lower().startswith(
+        prompt_to_repeat.strip().lower()),
+    "startend:end_checker": lambda r, end_phrase: r.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
+    "startend:quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
+    "change_case:capital_word_frequency": lambda r, capital_frequency, capital_relation: _compare(
+        sum(t.isupper() for t in word_tokens(r)), capital_relation, capital_frequency),
+    "change_case:english_capital": lambda r: r.isupper() and _language_is(r, "en"),
+    "change_case:english_lowercase": lambda r: r.islower() and _language_is(r, "en"),
+    "punctuation:no_comma": lambda r: "," not in r,
+}
+
+
+def loose_variants(response):
+    """IFEval's 8 loose variants: as is / no first line / no last line / neither, each also without '*'."""
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [response, response.replace("*", "")] + cut + [c.replace("*", "") for c in cut]
+
+
+def check_instruction(instruction_id, kwargs, response, loose=False):
+    """Verdict for one IFEval instruction; an answer that is empty after strip() follows nothing."""
+    if instruction_id not in IFEVAL_CHECKS:
+        raise ValueError(f"unknown IFEval instruction id {instruction_id!r}")
+    check = IFEVAL_CHECKS[instruction_id]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    candidates = loose_variants(response) if loose else [response]
+    try:
+        return any(c.strip() and check(c, **kwargs) for c in candidates)
+    except TypeError as e:
+        raise ValueError(f"{instruction_id}: bad arguments {sorted(kwargs)} ({e})") from None
+
+
+def score_ifeval(inputs, responses):
+    """Score IFEval prompts. responses: prompt text -> answer (a missing prompt fails all its instructions).
+
+    Returns (strict_rows, loose_rows, report): rows in the official eval_results_*.jsonl format.
+    """
+    rows = {"strict": [], "loose": []}
+    missing = []
+    for inp in inputs:
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in inp:
+                raise ValueError(f"IFEval input {inp.get('key', '?')} has no {field!r} field")
+        if len(inp["kwargs"]) != len(inp["instruction_id_list"]):
+            raise ValueError(f"IFEval input {inp.get('key', '?')}: {len(inp['instruction_id_list'])} instructions "
+                             f"but {len(inp['kwargs'])} kwargs")
+        response = responses.get(inp["prompt"])
+        if response is None:
+            missing.append(inp.get("key", inp["prompt"][:60]))
+        for mode in ("strict", "loose"):
+            verdicts = [response is not None and check_instruction(i, kw, response, loose=mode == "loose")
+                        for i, kw in zip(inp["instruction_id_list"], inp["kwargs"])]
+            rows[mode].append({"instruction_id_list": inp["instruction_id_list"], "prompt": inp["prompt"],
+                               "response": response if response is not None else "",
+                               "follow_all_instructions": all(verdicts), "follow_instruction_list": verdicts})
+    report = {"n_prompts": len(inputs), "n_instructions": sum(len(r["instruction_id_list"]) for r in rows["strict"]),
+              "missing_responses": len(missing), "missing_keys": missing[:20]}
+    for mode in ("strict", "loose"):
+        verdicts = [v for r in rows[mode] for v in r["follow_instruction_list"]]
+        report[f"prompt_level_{mode}"] = sum(r["follow_all_instructions"] for r in rows[mode]) / max(len(inputs), 1)
+        report[f"instruction_level_{mode}"] = sum(verdicts) / max(len(verdicts), 1)
+        per_type = collections.defaultdict(list)
+        for r in rows[mode]:
+            for i, v in zip(r["instruction_id_list"], r["follow_instruction_list"]):
+                per_type[i].append(v)
+        report[f"per_type_{mode}"] = {i: sum(v) / len(v) for i, v in sorted(per_type.items())}
+    return rows["strict"], rows["loose"], report
