@@ -1,0 +1,451 @@
+"""Tests for data.py: readers and their errors, encoding and masks, truncation, collation, batching, tokenizer."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data as D  # noqa: E402
+from model import load_tokenizer  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "data_fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    "The river flows north through the old town.\n\nIt is cold.",
+    "Write exactly three sentences and end with a question?",
+    "Answer in lowercase letters only, please.\n\n- one\n- two",
+    "Numbers like 12, 345 and 6789 appear here too.",
+    "为一篇关于高中生备考的论文提供一个标题\n1. 标题长度控制在10至15个字之间；\n",
+    "You are a helpful assistant.",
+    "Dear reader\n\nthank you\n\nbye",
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A toy tokenizer folder written by train_tokenizer (vocab 400) on a few sentences."""
+    return D.train_tokenizer(CORPUS * 20, 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    """The toy tokenizer as model.py loads it."""
+    return load_tokenizer(tok_dir)
+
+
+class CharTok:
+    """A fake tokenizer with one id per character, so lengths can be counted by hand.
+
+    Specials are single ids; a prompt with one user turn of P characters renders as
+    <|im_start|> "user\\n" P <|im_end|> "\\n" <|im_start|> "assistant\\n" = P + 19 ids."""
+    end_of_turn, end_of_turn_id = "<|im_end|>", 2
+
+    def encode(self, text):
+        ids = []
+        for piece in text.replace("<|im_start|>", "\x01").replace("<|im_end|>", "\x02"):
+            ids.append(ord(piece) if piece in "\x01\x02" else ord(piece) + 10)
+        return ids
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(x) + "\n" if not isinstance(x, str) else x + "\n" for x in lines),
+                    encoding="utf-8")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Readers
+
+def test_read_sft_both_layouts(tmp_path):
+    """SFT: a messages list and a prompt/response pair give the same normalized record; extra keys stay."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}]
+    path = write(tmp_path, "sft.jsonl", [{"messages": msgs, "checks": [1]}, "",
+                                         {"prompt": "Hi", "response": "Hello!"}])
+    a, b = list(D.read_sft(path))
+    assert a == {"messages": msgs, "checks": [1]}, a
+    assert b == {"messages": msgs[1:]}, b
+
+
+def test_read_dpo_layouts(tmp_path):
+    """DPO: string prompt, message-list prompt and TRL's one-message answers all normalize alike."""
+    user = [{"role": "user", "content": "Hi"}]
+    path = write(tmp_path, "dpo.jsonl", [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]}])
+    want = {"prompt": user, "chosen": "Hello!", "rejected": "Go away."}
+    assert list(D.read_dpo(path)) == [want, want]
+
+
+def test_read_iopo_ours_and_authors_layout(tmp_path):
+    """IOPO: our x1/y1/x2/y2 layout and the authors' sharegpt JSON array (chosen = y1, rejected = y2)."""
+    path = write(tmp_path, "iopo.jsonl", [{"x1": "A?", "y1": "a", "x2": [{"role": "user", "content": "B?"}],
+                                           "y2": "b", "checks": {"x1": []}}])
+    (ex,) = list(D.read_iopo(path))
+    assert ex == {"x1": [{"role": "user", "content": "A?"}], "y1": "a",
+                  "x2": [{"role": "user", "content": "B?"}], "y2": "b", "checks": {"x1": []}}, ex
+    first, second = list(D.read_iopo(FIXTURES / "iopo_sharegpt.json"))
+    assert first["x1"][0]["content"].endswith("3 to 5 words;\n") and first["x2"][0]["content"].endswith("8 to 10 words;\n")
+    assert first["y1"] == "Calm Before The Exams" and first["y2"].startswith("How Careful"), first
+    assert [m["role"] for m in second["x2"]] == ["system", "user"], second["x2"]
+    assert (second["y1"], second["y2"]) == ("the nile", "THE NILE")
+
+
+def test_read_trace_fixture():
+    """TRACE items keep every field, including trace_gen's checks and reference."""
+    a, b = list(D.read_trace(FIXTURES / "trace_items.jsonl"))
+    assert a["id"] == "7" and a["constraints_num"] == 1 and a["type"] == "trace", a
+    assert b["checks"] == [{"type": "lowercase"}] and b["reference"].startswith("- the nile"), b
+    assert b["messages"] == [{"role": "user", "content": "Name two rivers\n1. Answer in lowercase;\n2. Use a list;\n"}]
+
+
+GOOD = {"sft": {"prompt": "Hi", "response": "Yo"}, "dpo": {"prompt": "Hi", "chosen": "Yo", "rejected": "No"},
+        "iopo": {"x1": "A", "y1": "a", "x2": "B", "y2": "b"}}
+BAD_LINES = [
+    ("iopo", '{"x1": "A", "y1": "a", "x2": "B"', "not valid JSON"),
+    ("iopo", {"x1": "A", "y1": "a", "x2": "B"}, '"y2" is missing'),
+    ("dpo", {"prompt": "Hi", "chosen": " ", "rejected": "No"}, '"chosen" is empty'),
+    ("dpo", {"prompt": 3, "chosen": "Yo", "rejected": "No"}, '"prompt" should be a string or a list of messages, got int'),
+    ("dpo", {"prompt": "Hi", "chosen": "Yo", "rejected": 7}, '"rejected" should be a string, got int'),
+    ("sft", {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+     '"messages"[0]["role"] is "robot"; expected one of system, user, assistant'),
+    ("sft", {"messages": [{"role": "user", "content": "Hi"}]}, '"messages" should end with an assistant turn'),
+    ("sft", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+     '"messages"[1]["content"] is empty'),
+    ("sft", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]},
+     '"messages"[1]["content"] is missing'),
+    ("dpo", {"prompt": "Hi", "chosen": [{"role": "user", "content": "Yo"}], "rejected": "No"},
+     '"chosen"[0] should be an assistant message, is a user message'),
+    ("sft", {"text": "Hi"}, 'expected "messages", or "prompt" and "response"'),
+    ("sft", ["Hi"], "expected a JSON object, got list"),
+    ("iopo", {"conversations": [{"from": "human", "value": "A"}], "chosen": "a", "rejected": "b"},
+     '"conversations" should hold two human turns (x1 and x2), holds user'),
+    ("iopo", {"conversations": [{"from": "bot", "value": "A"}], "chosen": "a", "rejected": "b"},
+     '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system'),
+]
+
+
+@pytest.mark.parametrize("kind,bad,message", BAD_LINES)
+def test_error_names_file_line_and_problem(tmp_path, kind, bad, message):
+    """A bad record on line 2 raises DataError 'file:2: problem'."""
+    path = write(tmp_path, "data.jsonl", [GOOD[kind], bad])
+    with pytest.raises(D.DataError) as err:
+        list(D.read_any(path, kind))
+    assert str(err.value).startswith(f"{path}:2: {message}"), str(err.value)
+
+
+def test_trace_errors(tmp_path):
+    """TRACE: a constraint count that disagrees with its lists and a non-string input are errors."""
+    good = json.loads((FIXTURES / "trace_items.jsonl").read_text().splitlines()[0])
+    path = write(tmp_path, "t.jsonl", [good, {**good, "constraints_num": 2}, {**good, "input": None}])
+    stats = D.ReadStats()
+    assert len(list(D.read_trace(path, skip_bad=True, stats=stats))) == 1
+    assert stats.errors == [f'{path}:2: "constraints_splits" has 1 entries but "constraints_num" is 2',
+                            f'{path}:3: "input" should be a string, got null'], stats.errors
+
+
+def test_skip_bad_counts_lines(tmp_path):
+    """skip_bad=True keeps the good records and counts the bad ones with their messages."""
+    lines = [GOOD["dpo"], "{oops", GOOD["dpo"], {"prompt": "Hi"}, GOOD["dpo"]]
+    path = write(tmp_path, "d.jsonl", lines)
+    stats = D.ReadStats()
+    kept = list(D.read_dpo(path, skip_bad=True, stats=stats))
+    assert (len(kept), stats.kept, stats.skipped) == (3, 3, 2), (len(kept), stats)
+    assert stats.errors[0].startswith(f"{path}:2: not valid JSON") and stats.errors[1] == f'{path}:4: "chosen" is missing'
+
+
+def test_json_array_error_has_line(tmp_path):
+    """In a JSON array file an element's error names the line the element starts on."""
+    items = json.loads((FIXTURES / "iopo_sharegpt.json").read_text())
+    del items[1]["rejected"]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(items, indent=1))
+    start = path.read_text().splitlines().index(" {", 2) + 1  # second element's opening brace
+    with pytest.raises(D.DataError, match=rf'a.json:{start}: "rejected" is missing'):
+        list(D.read_iopo(path))
+
+
+def test_sniff_kind(tmp_path):
+    """The format is told from the first record's keys."""
+    for kind, rec in GOOD.items():
+        assert D.sniff_kind(write(tmp_path, f"{kind}.jsonl", [rec])) == kind
+    assert D.sniff_kind(FIXTURES / "iopo_sharegpt.json") == "iopo"
+    assert D.sniff_kind(FIXTURES / "trace_items.jsonl") == "trace"
+    with pytest.raises(D.DataError, match="cannot tell the format"):
+        D.sniff_kind(write(tmp_path, "x.jsonl", [{"foo": 1}]))
+
+
+# -----------------------------------------------------------------------------
+# Encoding, masks, truncation
+
+def test_encode_masks_prompt_and_matches_full_render(tok):
+    """Prompt ids get -100; response + <|im_end|> are scored; ids equal the whole conversation's prefix."""
+    prompt = [{"role": "user", "content": "Write exactly three sentences."}]
+    seq = D.encode(tok, prompt, "The river flows north.")
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True)
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "The river flows north."}],
+                                   add_generation_prompt=False)
+    n = len(seq["input_ids"])
+    assert seq["input_ids"] == full[:n], (seq["input_ids"], full)
+    assert seq["labels"][:len(p)] == [-100] * len(p), seq["labels"]
+    assert seq["labels"][len(p):] == seq["input_ids"][len(p):] and seq["input_ids"][-1] == tok.end_of_turn_id
+    assert tok.decode(seq["input_ids"][len(p):], skip_special_tokens=False) == "The river flows north.<|im_end|>"
+
+
+def test_seam_merge_is_counted_and_tokenized_apart(tok):
+    """A response starting with '\\n' merges with the header's '\\n' when tokenized whole; we keep them apart."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "\nIt is cold."}], add_generation_prompt=False)
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True)
+    assert full[:len(p)] != p, "the toy tokenizer should merge '\\n\\n' across the seam for this test to mean anything"
+    stats = D.EncodeStats()
+    seq = D.encode(tok, prompt, "\nIt is cold.", stats=stats)
+    assert seq["input_ids"][:len(p)] == p and seq["input_ids"][len(p):] == tok.encode("\nIt is cold.") + [tok.end_of_turn_id]
+    assert stats.boundary_merges == 1, stats
+
+
+class Trimming:
+    """The toy tokenizer with a template that trims every turn's text, as Llama 3's does."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        return self.tok.render_chat([{**m, "content": m["content"].strip()} for m in messages], add_generation_prompt)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.tok.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def test_response_is_taken_as_the_template_writes_it(tok):
+    """A template that trims the answer (Llama 3) gets the trimmed text scored, not the raw one."""
+    seq = D.encode(Trimming(tok), [{"role": "user", "content": "Hi "}], " Cold. \n")
+    scored = [i for i, label in zip(seq["input_ids"], seq["labels"]) if label != -100]
+    assert tok.decode(scored, skip_special_tokens=False) == "Cold.<|im_end|>", tok.decode(scored, skip_special_tokens=False)
+
+
+def test_template_that_changes_the_prompt_is_an_error(tok):
+    """A template that renders the prompt differently once an answer follows cannot be split: DataError."""
+    class Thinking(Trimming):
+        def render_chat(self, messages, add_generation_prompt=True):
+            text = self.tok.render_chat(messages, add_generation_prompt)
+            return text if add_generation_prompt else text.replace("user", "USER")
+
+    with pytest.raises(D.DataError, match="renders the prompt differently once an answer follows"):
+        D.encode(Thinking(tok), [{"role": "user", "content": "Hi"}], "Cold.")
+
+
+def test_iopo_masks_on_all_four_sequences(tok):
+    """Each of the four sequences is its prompt (masked) then its response + <|im_end|> (scored)."""
+    ex = {"x1": [{"role": "user", "content": "Answer in lowercase."}], "y1": "the nile",
+          "x2": [{"role": "user", "content": "Answer in uppercase letters only, please."}], "y2": "THE NILE"}
+    seqs = D.encode_iopo(tok, ex)
+    assert list(seqs) == ["y1_x1", "y2_x1", "y2_x2", "y1_x2"]
+    for key, seq in seqs.items():
+        y, x = key.split("_")
+        p, r = D.prompt_ids(tok, ex[x]), tok.encode(ex[y]) + [tok.end_of_turn_id]
+        assert seq["input_ids"] == p + r, key
+        assert seq["labels"] == [-100] * len(p) + r, (key, seq["labels"])
+
+
+@pytest.mark.parametrize("source,target,cutoff,expected", [
+    (10, 30, 100, (10, 30)),     # fits: nothing cut
+    (90, 30, 100, (70, 30)),     # response under half the budget: prompt cut
+    (30, 90, 100, (30, 70)),     # prompt under half: response cut
+    (300, 100, 100, (75, 25)),   # both over half: floor(100 * 100/400) = 25 for the response
+    (60, 50, 100, (55, 45)),     # floor(100 * 50/110) = 45
+])
+def test_infer_seqlen_hand_cases(source, target, cutoff, expected):
+    """infer_seqlen follows LLaMA-Factory's three cases."""
+    assert D.infer_seqlen(source, target, cutoff) == expected
+
+
+def test_dpo_truncation_cuts_both_to_equal_lengths():
+    """DPO: prompt 100, chosen 60, rejected 30 ids, max_len 128: target 60 kept, both prompts cut to 68."""
+    ex = {"prompt": [{"role": "user", "content": "a" * 81}], "chosen": "b" * 59, "rejected": "c" * 29}
+    stats = D.EncodeStats()
+    out = D.encode_dpo(CharTok(), ex, max_len=128, stats=stats)
+    lengths = [(s["labels"].count(-100), len(s["input_ids"])) for s in (out["w"], out["l"])]
+    assert lengths == [(68, 128), (68, 98)], lengths
+    assert out["w"]["input_ids"][67] == ord("a") + 10, "the prompt keeps its head"
+    assert stats.truncated == 1 and stats.examples == 1, stats
+    D.encode_dpo(CharTok(), ex, max_len=190, stats=stats)
+    assert stats.truncated == 1, "160 ids fit in 190: no cut"
+
+
+def test_iopo_truncation_cuts_both_prompts_and_both_responses():
+    """IOPO: prompts 100/90, responses 40/70 ids, max_len 100 -> prompts 59, responses up to 41 (hand count)."""
+    ex = {"x1": [{"role": "user", "content": "a" * 81}], "x2": [{"role": "user", "content": "d" * 71}],
+          "y1": "b" * 39, "y2": "c" * 69}
+    out = D.encode_iopo(CharTok(), ex, max_len=100)
+    got = {k: (s["labels"].count(-100), len(s["input_ids"]) - s["labels"].count(-100)) for k, s in out.items()}
+    assert got == {"y1_x1": (59, 40), "y2_x1": (59, 41), "y2_x2": (59, 41), "y1_x2": (59, 40)}, got
+    assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
+
+
+# -----------------------------------------------------------------------------
+# Collation and batching
+
+def seq(prompt, response):
+    return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+
+
+def test_collate_worked_example_from_docstring():
+    """collate_sft gives exactly the two-row batch written in its docstring."""
+    b = D.collate_sft([seq([5, 6], [7, 2]), seq([5], [9, 2])], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 2, 0, 0, 0, 0], [5, 9, 2, 0, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 7, 2, -100, -100, -100, -100], [-100, 9, 2, -100, -100, -100, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert all(t.dtype == torch.long for t in b.values())
+
+
+def test_collate_pads_to_multiple_of_8_and_stacks_blocks():
+    """Widths round up to 8; DPO stacks [w; l] and IOPO stacks the four blocks in IOPO_ORDER."""
+    assert D.collate_sft([seq([1] * 5, [2] * 11)], 0)["input_ids"].shape == (1, 16)
+    assert D.collate_sft([seq([1] * 4, [2] * 4)], 0)["input_ids"].shape == (1, 8)
+    dpo = [{"w": seq([b], [10 + b]), "l": seq([b], [20 + b])} for b in range(3)]
+    d = D.collate_dpo(dpo, pad_id=0)
+    assert d["input_ids"].shape == (6, 8) and d["input_ids"][:, 1].tolist() == [10, 11, 12, 20, 21, 22], d["input_ids"]
+    iopo = [{k: seq([b], [100 * i + b]) for i, k in enumerate(D.IOPO_ORDER)} for b in range(2)]
+    q = D.collate_iopo(iopo, pad_id=0)
+    assert q["labels"][:, 1].view(4, 2).tolist() == [[0, 1], [100, 101], [200, 201], [300, 301]], q["labels"]
+
+
+def test_batch_sampler_seeded_and_reshuffled_per_epoch():
+    """Same seed gives the same order; each epoch covers every index once in a new order."""
+    a, b, c = (D.BatchSampler(23, 4, seed=s) for s in (7, 7, 8))
+    e0a, e0b, e0c = list(a), list(b), list(c)
+    assert e0a == e0b and e0a != e0c
+    assert sorted(i for batch in e0a for i in batch) == list(range(23)) and len(e0a) == len(a) == 6
+    e1 = list(a)
+    assert e1 != e0a and sorted(sum(e1, [])) == list(range(23)) and a.epoch == 2
+
+
+def test_batch_sampler_resume_mid_epoch_and_at_epoch_end():
+    """A sampler restored from state_dict continues with exactly the batches the original would give."""
+    ref = D.BatchSampler(20, 3, seed=1)
+    want = list(ref) + list(ref)
+    run = D.BatchSampler(20, 3, seed=1)
+    got = []
+    it = iter(run)
+    for _ in range(3):
+        got.append(next(it))
+    state = json.loads(json.dumps(run.state_dict()))  # it must survive a JSON round trip
+    resumed = D.BatchSampler(20, 3, seed=1)
+    resumed.load_state_dict(state)
+    got += list(resumed) + list(resumed)
+    assert got == want, (len(got), len(want))
+    for _ in range(4):  # hand out the rest of epoch 0 without asking for more
+        next(it)
+    at_end = D.BatchSampler(20, 3, seed=1)
+    at_end.load_state_dict(run.state_dict())
+    assert (at_end.epoch, at_end.position) == (0, 7)
+    assert list(at_end) == [] and list(at_end) == want[7:], "epoch 0 is spent; the next pass is epoch 1"
+    with pytest.raises(ValueError, match="seed=1"):
+        D.BatchSampler(20, 3, seed=2).load_state_dict(state)
+
+
+def test_group_by_length_cuts_padding():
+    """Grouping by length yields fewer padded positions than a plain shuffle, and covers every index."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 500, (400,), generator=g).tolist()
+    def padded(sampler):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in sampler)
+    plain = padded(D.BatchSampler(400, 8, seed=3))
+    grouped_sampler = D.BatchSampler(400, 8, seed=3, lengths=lengths, group_by_length=True)
+    order = grouped_sampler.epoch_batches(0)
+    grouped = padded(order)
+    assert sorted(sum(order, [])) == list(range(400))
+    assert grouped * 5 < plain, (grouped, plain)
+
+
+def test_batches_helper_repeats_for_a_seed():
+    """batches(...) gives the same lists for the same seed and epoch."""
+    items = [{"input_ids": [1] * n, "labels": [1] * n} for n in range(1, 30)]
+    a = list(D.batches(items, 4, seed=5, group_by_length=True))
+    b = list(D.batches(items, 4, seed=5, group_by_length=True))
+    assert a == b and sum(map(len, a)) == 29
+
+
+# -----------------------------------------------------------------------------
+# Datasets, tokenizer, real samples, command line
+
+def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
+    """Nothing is tokenized until accessed; a second access comes from the cache; select/take/holdout share it."""
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i + 1), "rejected": "No."} for i in range(6)]
+    path = write(tmp_path, "d.jsonl", rows)
+    ds = D.EncodedDataset(D.RecordFile(path, "dpo"), "dpo", tok)
+    assert len(ds) == 6 and ds.stats.examples == 0
+    first = ds[2]
+    assert first == D.encode_dpo(tok, next(x for i, x in enumerate(D.read_dpo(path)) if i == 2))
+    assert ds[2] == first and ds.stats.examples == 1, ds.stats
+    train, held = D.holdout_split(ds, 2, seed=0)
+    assert len(train) == 4 and len(held) == 2 and sorted(train.indices + held.indices) == list(range(6))
+    assert D.take(ds, 3).indices == [0, 1, 2] and ds.lengths()[5] > ds.lengths()[0]
+    assert ds.scan().examples == 6
+
+
+def test_dataset_error_names_the_line(tmp_path, tok):
+    """An encoding error inside the dataset names the file and line of the record."""
+    class NoEndOfTurn(Trimming):
+        def render_chat(self, messages, add_generation_prompt=True):
+            return self.tok.render_chat(messages, add_generation_prompt).replace("<|im_end|>", "")
+
+    path = write(tmp_path, "s.jsonl", [GOOD["sft"], GOOD["sft"]])
+    ds = D.EncodedDataset(D.RecordFile(path, "sft"), "sft", NoEndOfTurn(tok))
+    with pytest.raises(D.DataError, match=r"s.jsonl:2: the chat template"):
+        ds[1]
+
+
+def test_tokenizer_round_trips_text_and_specials(tok_dir, tok):
+    """The toy tokenizer decodes what it encodes, and ChatML specials are single ids 0, 1, 2."""
+    for text in ["The river flows north.\n\nIt is cold.", "标题长度控制在10至15个字之间；", "tabs\tand  spaces 🙂"]:
+        assert tok.decode(tok.encode(text)) == text, text
+    assert tok.encode("<|endoftext|><|im_start|><|im_end|>") == [0, 1, 2]
+    assert tok.end_of_turn_id == 2 and tok.pad_token_id == 0
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (None, "<|im_end|>", "<|endoftext|>")
+    assert config["chat_template"] == D.CHATML_TEMPLATE and len(tok) == 400
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_real_samples():
+    """The released IOPO example and the TRACE sample read and encode (skipped without ../shared/data)."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is absent")
+    (ex,) = list(D.read_iopo(SHARED / "official_iopo_sample.json"))
+    assert ex["y1"].startswith('"高考前夜') and ex["y2"].startswith('"高考征程'), ex
+    assert "10至15" in ex["x1"][0]["content"] and "16至20" in ex["x2"][0]["content"]
+    items = list(D.read_trace(SHARED / "trace_eval_sample.jsonl"))
+    assert [it["id"] for it in items] == ["0", "1", "2", "431", "700", "1038", "1039", "1040", "1041"]
+    assert D.sniff_kind(SHARED / "official_iopo_sample.json") == "iopo"
+    seqs = D.encode_iopo(CharTok(), ex, max_len=120)
+    assert all(len(s["input_ids"]) <= 120 for s in seqs.values())
+
+
+def test_cli_prints_scored_tokens_and_counts():
+    """python data.py FILE prints the four sequences with [[scored]] text and the counts."""
+    out = io.StringIO()
+    D.main([str(FIXTURES / "iopo_sharegpt.json"), "--index", "1", "--vocab-size", "300"], out=out)
+    text = out.getvalue()
+    assert "[[the nile<|im_end|>]]" in text and "[[THE NILE<|im_end|>]]" in text, text
+    assert text.count("--- y") == 4 and "2 examples" in text and "0 bad lines skipped" in text, text
+    assert "<|im_start|>user\nName a river.\n1. Answer in uppercase;\n<|im_end|>" in text, text
