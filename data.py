@@ -3,7 +3,7 @@
 Print one encoded example and the counts for a file (scored tokens in colour, or between [[ ]]):
 
     python data.py ../shared/data/official_iopo_sample.json            # trains a toy tokenizer on the file
-    python data.py train.jsonl --model Qwen/Qwen2-7B-Instruct-dir --max-len 6000
+    python data.py train.jsonl --model ~/models/Qwen2-7B-Instruct --max-len 6000
 
 Formats read (one JSON object per line, or a JSON array of objects as LLaMA-Factory's sharegpt files):
   SFT    {"messages": [{"role", "content"}, ...]}  or  {"prompt": str|messages, "response": str}
@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from model import load_tokenizer
 
 IGNORE_INDEX = -100  # label of a token that is not scored (what torch's cross_entropy ignores by default)
 ROLES = ("system", "user", "assistant")
@@ -77,7 +79,7 @@ class ReadStats:
     errors: list = field(default_factory=list)  # the first few skip messages, to show the user
 
     def __str__(self):
-        text = f"{self.path}: {self.kept} examples, {self.skipped} bad lines skipped"
+        text = f"{self.path}: examples {self.kept}, bad lines skipped {self.skipped}"
         return text + "".join(f"\n  {e}" for e in self.errors)
 
 
@@ -91,8 +93,8 @@ class EncodeStats:
     masked_tokens: int = 0
 
     def __str__(self):
-        return (f"{self.examples} examples, {self.scored_tokens} tokens scored, {self.masked_tokens} masked, "
-                f"{self.truncated} truncated, {self.boundary_merges} seams tokenized apart")
+        return (f"examples {self.examples}, tokens scored {self.scored_tokens}, masked {self.masked_tokens}, "
+                f"truncated examples {self.truncated}, seams that merge when tokenized whole {self.boundary_merges}")
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +102,10 @@ class EncodeStats:
 
 class _Bad(Exception):
     """A problem in one record; the reader adds the file and line."""
+
+
+class _Fatal(_Bad):
+    """A problem after which the rest of the file cannot be read (broken JSON inside an array)."""
 
 
 def _type_name(value):
@@ -269,26 +275,30 @@ def _raw_records(path):
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     yield line, start, _Bad(f"not valid JSON ({e})")
             return
-        text = f.read().decode("utf-8", errors="replace")
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    line, counted = 1, 0
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
-        line = text.count("\n", 0, pos) + 1
+        line, counted = line + text.count("\n", counted, pos), pos
         if pos >= len(text):
-            yield line, None, _Bad("not valid JSON (the array is not closed with ])")
+            yield line, None, _Fatal("not valid JSON (the array is not closed with ])")
             return
         if text[pos] == "]":
             return
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield line, None, _Bad(f"not valid JSON ({e.msg})")
+            yield line, None, _Fatal(f"not valid JSON ({e.msg}); the rest of the array cannot be read")
             return
         yield line, None, obj
 
 
-def _parse(path, kind, raw):
+def _parse(kind, raw):
     if isinstance(raw, _Bad):
         raise raw
     if not isinstance(raw, dict):
@@ -303,10 +313,10 @@ def _read(path, kind, skip_bad, stats, with_position=False):
     stats.path = str(path)
     for line, offset, raw in _raw_records(path):
         try:
-            ex = _parse(path, kind, raw)
+            ex = _parse(kind, raw)
         except _Bad as e:
             message = f"{path}:{line}: {e}"
-            if not skip_bad:
+            if not skip_bad or isinstance(e, _Fatal):
                 raise DataError(message) from None
             stats.skipped += 1
             if len(stats.errors) < 5:
@@ -480,7 +490,8 @@ def _join(p_ids, r_ids):
 def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     """Encode the (prompt, response) pairs of one example, truncated together.
 
-    LLaMA-Factory's pairwise processor (the code the authors' IOPO fork builds on) calls infer_seqlen
+    LLaMA-Factory's pairwise processor (src/llamafactory/data/processors/pairwise.py, the code the
+    authors' IOPO fork builds on) tokenizes the prompt once and each response apart, calls infer_seqlen
     with the prompt length and the LONGER of the two responses, then keeps the first source_len prompt
     tokens and the first target_len tokens of each response. Keeping the head means a cut prompt loses
     its end, generation header included, and a cut response loses its end-of-turn token; we do the same so
@@ -510,7 +521,9 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
 def encode(tok, prompt_messages, response, max_len=None, stats=None, check=True):
     """{"input_ids", "labels"} for one prompt and its answer; labels are -100 on the prompt.
 
-    Labels are aligned with input_ids, NOT shifted: labels[t] == input_ids[t] where token t is scored.
+    input_ids = prompt_ids (template + header) + the answer as the template writes it + end-of-turn,
+    cut to max_len as _encode_group describes; check=True also tokenizes the whole conversation to
+    count seams that merge (seam_merges). Labels are aligned with input_ids, NOT shifted: labels[t] == input_ids[t] where token t is scored.
     The trainer shifts: hidden[:, :-1] predicts labels[:, 1:]."""
     return _encode_group(tok, [prompt_messages], [response], [(0, 0)], max_len, stats, check)[0]
 
@@ -852,7 +865,6 @@ def main(argv=None, out=None):
                         "when --model is not given (default 2000)")
     args = parser.parse_args(argv)
     out = out or sys.stdout
-    from model import load_tokenizer
 
     kind = args.kind or sniff_kind(args.file)
     records = RecordFile(args.file, kind, args.skip_bad)
@@ -890,4 +902,7 @@ def main(argv=None, out=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"data.py: {e}")

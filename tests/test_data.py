@@ -179,6 +179,14 @@ def test_json_array_error_has_line(tmp_path):
         list(D.read_iopo(path))
 
 
+def test_broken_json_array_is_fatal_even_when_skipping(tmp_path):
+    """A syntax error inside a JSON array stops the read even with skip_bad (the rest cannot be found)."""
+    path = tmp_path / "a.json"
+    path.write_text('[\n{"x1": "A", "y1": "a", "x2": "B", "y2": "b"},\n{"x1": "A" "y1"}\n]')
+    with pytest.raises(D.DataError, match=r"a.json:3: not valid JSON .*the rest of the array cannot be read"):
+        list(D.read_iopo(path, skip_bad=True))
+
+
 def test_sniff_kind(tmp_path):
     """The format is told from the first record's keys."""
     for kind, rec in GOOD.items():
@@ -447,5 +455,13 @@ def test_cli_prints_scored_tokens_and_counts():
     D.main([str(FIXTURES / "iopo_sharegpt.json"), "--index", "1", "--vocab-size", "300"], out=out)
     text = out.getvalue()
     assert "[[the nile<|im_end|>]]" in text and "[[THE NILE<|im_end|>]]" in text, text
-    assert text.count("--- y") == 4 and "2 examples" in text and "0 bad lines skipped" in text, text
+    assert text.count("--- y") == 4 and "examples 2, tokens scored" in text and "bad lines skipped 0" in text, text
     assert "<|im_start|>user\nName a river.\n1. Answer in uppercase;\n<|im_end|>" in text, text
+
+
+def test_show_sequence_colours_scored_text(tok):
+    """In a terminal the scored run is green and the masked run dim; otherwise [[ ]] marks the scored run."""
+    seq = D.encode(tok, [{"role": "user", "content": "Hi"}], "Yes.")
+    assert D.show_sequence(tok, seq).endswith("<|im_start|>assistant\n[[Yes.<|im_end|>]]")
+    coloured = D.show_sequence(tok, seq, colour=True)
+    assert coloured.startswith("\033[2m<|im_start|>user") and coloured.endswith("\033[1;32mYes.<|im_end|>\033[0m"), coloured
