@@ -584,3 +584,230 @@ def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 write_atomic(path / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat template (ChatML and Llama 3 families, rendered without jinja)
+
+CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>")
+LLAMA31_DATE = re.compile(r"set date_string = \"([^\"]+)\"")
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, plus the special tokens and chat format described by
+    tokenizer_config.json and generation_config.json. encode never adds BOS: chat templates place it."""
+
+    def __init__(self, path):
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: file not found")
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+            self.tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
+        config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+        self.source = path
+
+        template = config.get("chat_template") or ""
+        if isinstance(template, list):  # several named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), "")
+        if not template and (path / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template = template
+
+        def special(key):
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            return token, self.token_id(token, f"{path / 'tokenizer_config.json'} {key}") if token else None
+
+        self.bos_token, self.bos_token_id = special("bos_token")
+        self.eos_token, self.eos_token_id = special("eos_token")
+        gen_eos = gen.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if self.eos_token_id is None and gen_eos:
+            self.eos_token_id = gen_eos[0]
+        self.pad_token, self.pad_token_id = special("pad_token")
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+
+        # The family comes from the template; a tokenizer without one is recognised by its special tokens
+        vocab_has = lambda t: self.tokenizer.token_to_id(t) is not None  # noqa: E731
+        if "<|start_header_id|>" in template or (not template and vocab_has("<|start_header_id|>")):
+            self.family, self.end_of_turn = "llama3", "<|eot_id|>"
+        elif "<|im_start|>" in template or (not template and vocab_has("<|im_start|>")):
+            self.family, self.end_of_turn = "chatml", "<|im_end|>"
+        else:
+            self.family, self.end_of_turn = None, None
+        self.end_of_turn_id = self.token_id(self.end_of_turn, str(file)) if self.end_of_turn else None
+        if self.eos_token_id is None:
+            self.eos_token_id = self.end_of_turn_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        # Generation stops at the end of a turn as well as at every eos the configs name
+        self.eos_token_ids = list(dict.fromkeys(
+            i for i in [self.eos_token_id, *gen_eos, self.end_of_turn_id] if i is not None))
+
+        # What the template adds on its own: ChatML's default system message (Qwen2, SmolLM2), and the
+        # knowledge-date system header of Llama 3.1 (always present; "Today Date" as the template sets it)
+        found = CHATML_DEFAULT_SYSTEM.search(template) if self.family == "chatml" else None
+        self.default_system = found.group(1).replace("\\n", "\n") if found else None
+        self.date_header = None
+        if self.family == "llama3" and "Cutting Knowledge Date" in template:
+            if "strftime_now" in template:  # Llama 3.2: transformers passes today's date
+                date = datetime.date.today().strftime("%d %b %Y")
+            else:
+                date = LLAMA31_DATE.search(template).group(1) if LLAMA31_DATE.search(template) else "26 Jul 2024"
+            self.date_header = f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+
+    def token_id(self, token, where):
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{where}: token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        """The text the model's own chat template produces for `messages` ([{"role", "content"}, ...])."""
+        if not messages:
+            raise ValueError("render_chat needs at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
+        if self.family == "chatml":
+            text = ""
+            if self.default_system is not None and messages[0]["role"] != "system":
+                text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
+            text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if self.family == "llama3":
+            header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"  # noqa: E731
+            text = self.bos_token or ""
+            if self.date_header is not None:  # Llama 3.1: the system turn is always there
+                system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+                messages = messages[1:] if messages[0]["role"] == "system" else messages
+                text += header("system") + self.date_header + system + "<|eot_id|>"
+            text += "".join(header(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages)  # jinja trim
+            return text + (header("assistant") if add_generation_prompt else "")
+        raise ValueError(f"{self.source}: no ChatML or Llama 3 chat template found in tokenizer_config.json")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def load_tokenizer(path):
+    return Tokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def sample_next(logits, temperature, top_p, generator):
+    """logits (B, V) float32 -> next token ids (B,). Greedy when temperature is 0, else nucleus sampling:
+    keep the smallest set of most likely tokens whose probability reaches top_p (Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass ranked above each token
+        sorted_probs[before >= top_p] = 0.0  # the top token always survives (before == 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_ids=None, seed=None,
+             pad_token_id=0, progress=False, use_cache=True):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns the new tokens of each,
+    cut before its first EOS. Prompts are left-padded into one batch. With use_cache=False every step recomputes
+    the whole prefix (the baseline bench.py compares against); both give the same greedy tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs a non-empty list of non-empty prompts")
+    device = model.model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = KVCache(model, B, P + max_new_tokens) if use_cache else None
+    was_training = model.training
+    model.eval()
+
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_mask = ids, mask
+    long_run = B * max_new_tokens >= 16384
+    bar = tqdm(range(max_new_tokens), desc="generate", leave=False,
+               disable=False if progress else (None if long_run else True))  # None: only on a terminal
+    n = 0
+    for n in bar:
+        hidden = model(step_ids, attention_mask=step_mask, kv_cache=cache)[:, -1]  # (B, D)
+        token = sample_next(model.logits(hidden).float(), temperature, top_p, generator)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        out[:, n] = token
+        done |= torch.isin(token, eos)
+        if bool(done.all()):
+            break
+        if use_cache:
+            step_ids, step_mask = token[:, None], torch.ones(B, 1, dtype=torch.long, device=device)
+        else:
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            step_ids, step_mask = ids, mask
+    bar.close()
+    model.train(was_training)
+
+    results, stop_ids = [], set(eos.tolist())
+    for row in out[:, :n + 1].tolist():
+        stop = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+        results.append(row[:stop])
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Command line: chat with a checkpoint
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Answer one prompt with a checkpoint folder, using its chat template.")
+    parser.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer files)")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--system", default=None, help="optional system message")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="upper bound on the reply length in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = parser.parse_args()
+
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    reply = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     eos_token_ids=tok.eos_token_ids, seed=args.seed, pad_token_id=tok.pad_token_id, progress=True)[0]
+    print(tok.decode(reply))
+
+
+if __name__ == "__main__":
+    main()

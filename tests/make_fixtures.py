@@ -1,6 +1,7 @@
 """Make the reference fixtures in tests/fixtures/ with transformers (run by hand, never by pytest).
 
     /work/refenv/bin/python tests/make_fixtures.py        # a venv with torch 2.13.0, transformers 5, jinja2
+    /work/refenv/bin/python tests/make_fixtures.py chat   # only one part: checkpoints | chat | roundtrip
 
 1. Tiny random checkpoints of every kind model.py must load, written by transformers' save_pretrained (some
    rewritten into the legacy config.json layout), with transformers' float32 logits on fixed ids, unpadded and
@@ -144,7 +145,9 @@ def make_chat_fixtures():
     chatml = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     llama3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     kinds = {
+        "chatml": (chatml, None, "<|im_end|>", "<|endoftext|>"),
         "qwen2": (chatml, None, "<|im_end|>", "<|endoftext|>"),
+        "qwen2_5": (chatml, None, "<|im_end|>", "<|endoftext|>"),
         "smollm2": (chatml, "<|im_start|>", "<|im_end|>", "<|im_end|>"),
         "llama3": (llama3, "<|begin_of_text|>", "<|eot_id|>", None),
         "llama3_1": (llama3, "<|begin_of_text|>", "<|eot_id|>", None),
@@ -153,6 +156,8 @@ def make_chat_fixtures():
         out = FIXTURES / "chat" / name
         shutil.rmtree(out, ignore_errors=True)
         make_tokenizer(specials, bos, eos, pad, TEMPLATES[name], out)
+        if name == "llama3_1":  # as Llama 3.1 Instruct: generation also stops at <|end_of_text|>
+            (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 4]}))
         tok = transformers.AutoTokenizer.from_pretrained(out)
         cases = []
         for conv in CONVERSATIONS:
@@ -186,8 +191,11 @@ def check_save_model_in_transformers():
 
 
 if __name__ == "__main__":
+    parts = sys.argv[1:] or ["checkpoints", "chat", "roundtrip"]  # or name some of them
     FIXTURES.mkdir(exist_ok=True)
-    make_checkpoints()
-    if TEMPLATES:
+    if "checkpoints" in parts:
+        make_checkpoints()
+    if "chat" in parts:
         make_chat_fixtures()
-    check_save_model_in_transformers()
+    if "roundtrip" in parts:
+        check_save_model_in_transformers()

@@ -285,3 +285,162 @@ def test_error_no_weights_and_bad_config(tmp_path):
     (d / "config.json").write_text('{"model_type": "llama",\n oops}')
     with pytest.raises(ValueError, match=r"config.json: not valid JSON \(line 2"):
         M.load_model(d)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat templates (expected ids from transformers' apply_chat_template on the real templates)
+
+CHAT_KINDS = ["chatml", "qwen2", "qwen2_5", "smollm2", "llama3", "llama3_1"]
+
+
+@pytest.mark.parametrize("kind", CHAT_KINDS)
+def test_chat_template_ids_match_transformers(kind):
+    """apply_chat_template and render_chat equal transformers' output for every committed conversation."""
+    tok = M.load_tokenizer(FIXTURES / "chat" / kind)
+    cases = json.loads((FIXTURES / "chat" / kind / "expected.json").read_text())
+    assert len(cases) == 8
+    for case in cases:
+        ids = tok.apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+        text = tok.render_chat(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+        assert text == case["text"], f"{kind}: {text!r} != {case['text']!r}"
+        assert ids == case["ids"], f"{kind}: {ids} != {case['ids']}"
+
+
+@pytest.mark.parametrize("kind,family,default_system,end_of_turn", [
+    ("chatml", "chatml", None, "<|im_end|>"),
+    ("qwen2", "chatml", "You are a helpful assistant.", "<|im_end|>"),
+    ("qwen2_5", "chatml", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "<|im_end|>"),
+    ("smollm2", "chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "<|im_end|>"),
+    ("llama3", "llama3", None, "<|eot_id|>"),
+    ("llama3_1", "llama3", None, "<|eot_id|>"),
+])
+def test_tokenizer_family_and_specials(kind, family, default_system, end_of_turn):
+    """Family, default system prompt, end-of-turn and eos/pad ids are read from the tokenizer's own files."""
+    tok = M.load_tokenizer(FIXTURES / "chat" / kind)
+    assert (tok.family, tok.default_system, tok.end_of_turn) == (family, default_system, end_of_turn)
+    assert tok.end_of_turn_id == tok.tokenizer.token_to_id(end_of_turn) and tok.end_of_turn_id in tok.eos_token_ids
+    assert tok.pad_token_id is not None and len(tok) == tok.vocab_size > 256
+    if kind == "llama3_1":  # generation_config.json adds <|end_of_text|> as a second stop token
+        assert tok.eos_token_ids == [tok.tokenizer.token_to_id("<|eot_id|>"), tok.tokenizer.token_to_id("<|end_of_text|>")]
+        assert (tok.bos_token_id, tok.date_header) == (0, "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+
+
+def test_chatml_fixture_tokenizer(chatml_tokenizer_dir):
+    """The conftest tokenizer: encode/decode round trip, ChatML ids, no BOS added, pad and eos as documented."""
+    tok = M.load_tokenizer(chatml_tokenizer_dir)
+    text = "The river flows north, 12 times!"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|im_start|>") == [tok.tokenizer.token_to_id("<|im_start|>")]
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 2, None)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids) == "user\nHi\nassistant\n"
+
+
+def test_tokenizer_errors(tmp_path):
+    """Missing tokenizer.json, an unknown special token and a bad message are errors naming the file or field."""
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: file not found"):
+        M.load_tokenizer(tmp_path)
+    shutil.copy(FIXTURES / "chat" / "qwen2" / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json eos_token: token '<\|eos\|>' is not in the vocabulary"):
+        M.load_tokenizer(tmp_path)
+    tok = M.load_tokenizer(FIXTURES / "chat" / "qwen2")
+    with pytest.raises(ValueError, match="message 0 needs string 'role' and 'content'"):
+        tok.apply_chat_template([{"role": "user"}])
+
+
+# -----------------------------------------------------------------------------
+# KV cache and generation
+
+
+def test_cache_forward_equals_full_forward(tiny_model, tiny_config):
+    """Prefill plus one-token steps through KVCache give the hidden states of one full forward, with left padding."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        full = tiny_model(ids, mask)
+        cache = M.KVCache(tiny_model, 2, 16)
+        parts = [tiny_model(ids[:, :8], mask[:, :8], kv_cache=cache)]
+        parts += [tiny_model(ids[:, t:t + 1], mask[:, t:t + 1], kv_cache=cache) for t in range(8, 10)]
+        parts.append(tiny_model(ids[:, 10:], mask[:, 10:], kv_cache=cache))  # a two-token chunk too
+    stepped = torch.cat(parts, 1)
+    diff = ((stepped - full).abs() * mask[..., None]).max().item()
+    assert diff < 1e-5 and cache.pos == 12, (diff, cache.pos)
+    with pytest.raises(ValueError, match="KV cache holds 16 positions; 12 used, 5 more requested"):
+        tiny_model(ids[:, :5], kv_cache=cache)
+
+
+def test_sliding_window_cache_matches_full(tmp_path):
+    """With a window shorter than the sequence, cached decoding equals the full forward (Mistral fixture)."""
+    model = M.load_model(FIXTURES / "mistral_head_dim_window", dtype=torch.float32)
+    ids = load_file(FIXTURES / "mistral_head_dim_window" / "expected.safetensors")["input_ids"]
+    with torch.no_grad():
+        full = model(ids)
+        cache = M.KVCache(model, 2, 16)
+        stepped = torch.cat([model(ids[:, :3], kv_cache=cache)] +
+                            [model(ids[:, t:t + 1], kv_cache=cache) for t in range(3, 16)], 1)
+    diff = (stepped - full).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_generate_cache_equals_no_cache(tiny_model, tiny_config):
+    """Greedy generation with the KV cache gives the same tokens as recomputing the prefix, for ragged prompts."""
+    torch.manual_seed(2)
+    tiny_model.model.embed_tokens.weight.data.normal_(0, 1.0)  # sharper logits than the 0.02 init
+    prompts = [torch.randint(3, tiny_config.vocab_size, (n,)).tolist() for n in (5, 9, 1)]
+    cached = M.generate(tiny_model, prompts, 12)
+    plain = M.generate(tiny_model, prompts, 12, use_cache=False)
+    assert cached == plain, (cached, plain)
+    assert [len(r) for r in cached] == [12, 12, 12]
+    # each row alone (no padding) gives the same tokens as inside the batch
+    alone = [M.generate(tiny_model, [p], 12)[0] for p in prompts]
+    assert alone == cached, (alone, cached)
+
+
+def test_generate_stops_before_eos(tiny_model, tiny_config):
+    """The first EOS ends a row and is not returned; other rows go on."""
+    torch.manual_seed(3)
+    tiny_model.model.embed_tokens.weight.data.normal_(0, 1.0)
+    prompts = [[5, 6, 7], [9, 10]]
+    free = M.generate(tiny_model, prompts, 12)
+    stop = free[0][4]
+    first = free[0].index(stop)
+    out = M.generate(tiny_model, prompts, 12, eos_token_ids=[stop])
+    assert out[0] == free[0][:first], (out[0], free[0])
+    expected_1 = free[1][:free[1].index(stop)] if stop in free[1] else free[1]
+    assert out[1] == expected_1, (out[1], free[1])
+
+
+def test_generate_sampling_is_seeded(tiny_model):
+    """Sampling with the same seed repeats; another seed differs; top_p near 0 reduces to greedy."""
+    prompts = [[5, 6, 7], [9, 10]]
+    a = M.generate(tiny_model, prompts, 16, temperature=1.0, seed=7)
+    b = M.generate(tiny_model, prompts, 16, temperature=1.0, seed=7)
+    c = M.generate(tiny_model, prompts, 16, temperature=1.0, seed=8)
+    assert a == b and a != c, (a, c)
+    greedy = M.generate(tiny_model, prompts, 16)
+    assert M.generate(tiny_model, prompts, 16, temperature=1.0, top_p=1e-6, seed=9) == greedy
+
+
+def test_top_p_keeps_the_nucleus():
+    """sample_next never draws a token outside the top-p nucleus."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = M.sample_next(logits, 1.0, 0.75, gen)
+    counts = torch.bincount(drawn, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0 and counts[0] > counts[1] > 0, counts
+
+
+def test_cli_prints_reply(tiny_model, chatml_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """python model.py --model DIR --prompt ... prints the decoded greedy reply."""
+    M.save_model(tiny_model, tmp_path, tokenizer_dir=chatml_tokenizer_dir)
+    monkeypatch.setattr("sys.argv", ["model.py", "--model", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "5",
+                                     "--device", "cpu"])
+    M.main()
+    tok = M.load_tokenizer(tmp_path)
+    ids = M.generate(tiny_model, [tok.apply_chat_template([{"role": "user", "content": "Hi"}])], 5,
+                     eos_token_ids=tok.eos_token_ids)[0]
+    assert capsys.readouterr().out == tok.decode(ids) + "\n"
