@@ -357,11 +357,11 @@ def sniff_kind(path):
         if not isinstance(raw, dict):
             break
         keys = set(raw)
-        if {"x1", "x2"} <= keys:
+        if keys & {"x1", "y1", "x2", "y2"}:
             return "iopo"
         if "constraints_splits" in keys:
             return "trace"
-        if {"chosen", "rejected"} <= keys:
+        if keys & {"chosen", "rejected"}:
             turns = raw.get("conversations")
             two_asks = isinstance(turns, list) and sum(
                 isinstance(t, dict) and t.get("from", t.get("role")) in ("human", "user") for t in turns) == 2

@@ -191,6 +191,7 @@ def test_sniff_kind(tmp_path):
     """The format is told from the first record's keys."""
     for kind, rec in GOOD.items():
         assert D.sniff_kind(write(tmp_path, f"{kind}.jsonl", [rec])) == kind
+    assert D.sniff_kind(write(tmp_path, "half.jsonl", [{"prompt": "Hi", "chosen": "Yo"}])) == "dpo"
     assert D.sniff_kind(FIXTURES / "iopo_sharegpt.json") == "iopo"
     assert D.sniff_kind(FIXTURES / "trace_items.jsonl") == "trace"
     with pytest.raises(D.DataError, match="cannot tell the format"):
