@@ -14,10 +14,32 @@ What we simplify or leave out (kernel and losses):
 3. The log-prob kernel only scores positions whose label is not `ignore_index`; the others cost nothing.
 """
 
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import math
 import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
+                  example_texts, holdout_split, train_tokenizer)
+from model import Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic, write_json_atomic
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
     import triton
@@ -79,11 +101,14 @@ def _chunk_lse_target(hidden, weight, labels):
     return logits, lse, target, sum_exp
 
 
-def _onehot_minus_softmax_(probs, labels, scale):
-    """In place: softmax (c, V) -> scale * (onehot(labels) - softmax), the gradient of scale * log p(labels)."""
-    probs.mul_(-scale[:, None])
-    probs[torch.arange(len(labels), device=labels.device), labels] += scale
-    return probs
+def _onehot_minus_softmax_(exp_logits, labels, scale, row_sums=None):
+    """In place: exp(logits - shift) (c, V) -> scale * (onehot(labels) - softmax), the gradient of scale * log p(y).
+
+    row_sums: the rows' sums when the shift was not the log-sum-exp (None: the rows already sum to 1).
+    """
+    exp_logits.mul_((-scale if row_sums is None else -scale / row_sums)[:, None])  # one pass over (c, V)
+    exp_logits[torch.arange(len(labels), device=labels.device), labels] += scale
+    return exp_logits
 
 
 if triton is not None:
@@ -148,8 +173,8 @@ def _forward_chunk(hidden, weight, labels, use_triton, want_factor):
     exp_shifted, lse, target, sum_exp = _chunk_lse_target(hidden, weight, labels)
     factor = None
     if want_factor:
-        probs = exp_shifted.div_(sum_exp[:, None])  # (c, V) softmax
-        factor = _onehot_minus_softmax_(probs, labels, ones).to(hidden.dtype) @ weight  # (c, D)
+        grad_logits = _onehot_minus_softmax_(exp_shifted, labels, ones, row_sums=sum_exp).to(hidden.dtype)
+        factor = grad_logits @ weight  # (c, D)
     return target - lse, lse, factor
 
 
@@ -182,7 +207,7 @@ class _FusedLogProbs(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None  # (V, D)
         for s in range(0, len(labels), ctx.chunk_rows):
             e = s + ctx.chunk_rows
             h, y, g = hidden[s:e], labels[s:e], grad_logps[s:e].float()
@@ -191,15 +216,14 @@ class _FusedLogProbs(torch.autograd.Function):
             else:
                 probs = (h @ weight.T).float().sub_(lse[s:e, None]).exp_()  # (c, V) softmax, recomputed
                 grad_logits = _onehot_minus_softmax_(probs, y, g).to(h.dtype)
+                del probs  # (a bfloat16 run holds both for a moment; float32 ones share the buffer)
             if want_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[s:e])  # (c, D)
             if want_weight:
-                if weight.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.T, h)  # (V, D)
-                else:  # low-precision weights: accumulate the chunks' products in float32
-                    grad_weight += grad_logits.T @ h
-        if want_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+                # In the weight's dtype, like the naive version's gradient: the matmul adds into the buffer
+                # with float32 accumulation, so bfloat16 rounds once per chunk and no (V, D) float32 copy is kept.
+                grad_weight.addmm_(grad_logits.T, h)  # (V, D)
+            del grad_logits  # free this chunk's (c, V) buffer before the next one is built
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -378,3 +402,573 @@ def ftx_term(logp_y1_x1, n_y1, logp_y2_x2=None, n_y2=None):
     if logp_y2_x2 is not None:
         term = term - logp_y2_x2 / n_y2.clamp(min=1)
     return term.mean()
+
+
+# --- LoRA (arXiv 2106.09685), by hand
+#
+# A LoRA layer is the frozen linear layer plus a trainable rank-r update: y = x W^T + b + (alpha/r) x A^T B^T,
+# with B initialised to zero so training starts exactly at the base model. The class below IS an nn.Linear
+# (same `weight` and `bias` names), so state-dict keys keep their Hugging Face names and the two new
+# tensors sit beside them (`q_proj.lora_A`, `q_proj.lora_B`). Switching the update off gives back the base
+# model, which is all the reference model needs: no second copy of the weights.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # "all linear"
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base, rank, alpha, dropout):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), float32
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.adapter_enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return y
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scale * update).to(y.dtype)
+
+    def merged_weight(self):
+        return (self.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.weight.dtype)
+
+
+def add_lora(model, rank, alpha, dropout, targets=LORA_TARGETS):
+    """Replace the target linear layers by LoRALinear in place; freeze everything else. Returns the LoRA modules."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not lora:
+        raise ValueError(f"no linear layer named one of {targets} found for LoRA")
+    return lora
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run the base model: every LoRA update switched off inside the block (the reference model)."""
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in lora:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in lora:
+            m.adapter_enabled = True
+
+
+def merged_copy(model):
+    """A plain Transformer holding the LoRA-merged weights on the CPU (what save_model writes)."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".lora_" not in name:
+            state[name] = t.detach().to("cpu")
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{name}.weight"] = m.merged_weight().detach().to("cpu")
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
+    return plain
+
+
+# --- training
+#
+# One loop serves the three methods; they differ only in how a batch is laid out (data.py's collators) and
+# in the loss applied to the per-sequence log-probs:
+#   sft   B rows                                  sft_loss over response tokens
+#   dpo   2B rows [(x, y_w); (x, y_l)]            dpo_loss
+#   iopo  4B rows [(x1,y1); (x1,y2); (x2,y2); (x2,y1)]   iopo_loss
+# The reference log-probs of every example are computed once before training (no_grad, reference weights)
+# and cached on disk; training then runs a single network.
+
+
+@dataclass
+class TrainConfig:
+    method: str = "iopo"  # sft | dpo | iopo
+    model: str = "toy"  # Hugging Face checkpoint folder, or "toy": a from-scratch model and tokenizer trained on --data
+    data: str = ""  # training file: JSONL (or a JSON array) in the method's format, see data.py
+    out: str = "runs/train"  # output folder: metrics.jsonl, checkpoint-N/, final/
+    lr: float = 0.0  # peak learning rate; 0 means the paper's: 1e-4 for SFT, 5e-6 for DPO and IOPO
+    epochs: float = 3.0  # passes over the data (the paper: 3); ignored when max_steps > 0
+    max_steps: int = 0  # optimizer steps to run; 0 means derive them from epochs
+    batch_size: int = 1  # instructions per micro-batch (IOPO: 4 sequences each, DPO: 2, SFT: 1)
+    grad_accum: int = 8  # micro-batches per optimizer step (the released config: 1 x 8)
+    warmup_ratio: float = 0.1  # share of the steps spent warming up linearly, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay on matrices (never on norms and biases)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    beta: float = 0.1  # DPO / IOPO temperature on the log-ratios
+    label_smoothing: float = 0.0  # conservative DPO / IOPO: assumed share of flipped preferences
+    ftx: float = 0.0  # weight of the optional SFT term on the matched pairs (authors' code; 0 in the paper)
+    variant: str = "full"  # IOPO loss: full | no_input_pref | no_output_pref | three_seq
+    max_len: int = 1024  # tokens per sequence; longer examples are cut like the authors' code (data.py)
+    seed: int = 0  # seeds the model init (toy), the data order and dropout
+    dtype: str = "float32"  # float32, or bfloat16: autocast on a GPU (LoRA also keeps the frozen base in bfloat16)
+    device: str = "auto"  # cpu | cuda | auto (cuda when available)
+    grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
+    lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    ref_on_the_fly: bool = False  # compute reference log-probs at every step instead of once up front
+    ref_batch_size: int = 8  # instructions per batch when precomputing reference log-probs
+    eval_every: int = 0  # evaluate the loss on the held-out slice every N steps (0: never)
+    eval_size: int = 0  # examples held out from --data for that evaluation
+    save_every: int = 0  # write a resumable checkpoint every N steps (0: only the final model)
+    resume: str = ""  # a checkpoint folder (or an output folder: its latest checkpoint) to continue from
+    skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
+    toy_preset: str = "toy"  # model.PRESETS size for --model toy
+    toy_vocab: int = 2048  # tokenizer vocabulary for --model toy
+    log_every: int = 1  # print to the progress bar every N steps (metrics.jsonl gets every step)
+
+
+def _field_help():
+    """The trailing comment of each TrainConfig field, used as its --help text (the dataclass is the doc)."""
+    src = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", src, flags=re.M))
+
+
+def lr_at(step, total, peak, warmup_ratio):
+    """Linear warmup over the first warmup_ratio * total steps, then cosine decay to zero (step is 0-based)."""
+    warmup = int(math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Scorer(nn.Module):
+    """The network plus the log-prob kernel: forward returns log p(label) per position, (R, T-1).
+
+    Wrapping both in one module lets DistributedDataParallel see the head's gradient as part of forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.model(input_ids, attention_mask=attention_mask)  # (R, T, D)
+        weight = self.model.lm_head.weight
+        if weight.dtype != hidden.dtype:  # autocast: a bfloat16 view of the float32 head, gradient flows back
+            weight = weight.to(hidden.dtype)
+        return token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
+
+
+SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
+
+
+def reference_rows(cfg, batch):
+    """For IOPO's three-sequence variant, drop the (x2, y2) block of rows; everything else is used as is."""
+    if cfg.method == "iopo" and cfg.variant == "three_seq":
+        keep = [0, 1, 3]  # (x1,y1), (x1,y2), (x2,y1)
+        return {k: torch.cat([v.chunk(4)[i] for i in keep]) for k, v in batch.items()}
+    return batch
+
+
+def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None):
+    """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None."""
+    scored = labels[:, 1:] != IGNORE_INDEX  # (R, T-1)
+    if cfg.method == "sft":
+        nll = -(token_logps * scored).sum()
+        denom = n_tokens_total if n_tokens_total is not None else scored.sum().clamp(min=1)
+        return nll / denom, {}
+    logps = token_logps.sum(-1)  # (R,) L(y|x)
+    n = scored.sum(-1)
+    if cfg.method == "dpo":
+        logp_w, logp_l = logps.chunk(2)
+        loss, metrics = dpo_loss(logp_w, logp_l, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
+        if cfg.ftx:
+            loss = loss + cfg.ftx * ftx_term(logp_w, n.chunk(2)[0])
+        return loss, metrics
+    if cfg.variant == "three_seq":
+        logp_y1_x1, logp_y2_x1, logp_y1_x2 = logps.chunk(3)
+        logp_y2_x2 = None
+    else:
+        logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2 = logps.chunk(4)  # data.IOPO_ORDER
+    loss, metrics = iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, *ref.unbind(1),
+                              beta=cfg.beta, label_smoothing=cfg.label_smoothing, variant=cfg.variant)
+    if cfg.ftx:
+        n_y1, n_y2 = n[:len(logp_y1_x1)], None if logp_y2_x2 is None else n.chunk(4)[2]
+        loss = loss + cfg.ftx * ftx_term(logp_y1_x1, n_y1, logp_y2_x2, n_y2)
+    return loss, metrics
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def reference_logps(scorer, dataset, cfg, device, autocast):
+    """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order."""
+    k = SEQS_PER_EXAMPLE[cfg.method]
+    collate = COLLATORS[cfg.method]
+    out = []
+    for s in tqdm(range(0, len(dataset), cfg.ref_batch_size), desc="reference log-probs", leave=False,
+                  disable=not is_main()):
+        batch = to_device(collate([dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))],
+                                  PAD_ID[0]), device)
+        with autocast():
+            token_logps = scorer(**batch)
+        out.append(token_logps.sum(-1).float().view(k, -1).T.cpu())  # (B, k)
+    return torch.cat(out)
+
+
+def file_digest(paths):
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def reference_cache_key(cfg, tokenizer_dir):
+    """A name that changes whenever the data, the tokenizer, the reference weights or the cut length change."""
+    weights = sorted(Path(cfg.model).glob("model*.safetensors"))
+    parts = [cfg.method, str(cfg.max_len), file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]),
+             file_digest(weights)]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+
+
+# Distributed training: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed(device):
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1), device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return (dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# Checkpoints: HF weights (model.py), plus what an exact resume needs. All tensors go to safetensors, the
+# rest to JSON; the folder is written under a temporary name and renamed once complete.
+
+def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, lora):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(merged_copy(model) if lora else model, tmp, tokenizer_dir=tokenizer_dir)
+    if lora:
+        adapters = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+        save_file(adapters, tmp / "adapter.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
+               for i, s in opt["state"].items() for k, v in s.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, tmp / "trainer_state.safetensors")
+    state = {"step": step, "sampler": sampler.state_dict(), "param_groups": opt["param_groups"],
+             "python_rng": random.getstate(), "config": asdict(cfg)}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    if path.exists():  # re-saving the same step: swap the old folder out only once the new one is complete
+        old = path.with_name(f".{path.name}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def load_trainer_state(path, model, optimizer, sampler, lora):
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    with safe_open(path / "trainer_state.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if lora:
+        with safe_open(path / "adapter.safetensors", framework="pt") as f:
+            missing, unexpected = model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+        if unexpected or any(".lora_" in k for k in missing):
+            raise ValueError(f"{path / 'adapter.safetensors'}: adapters do not match the model "
+                             f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' in k][:3]})")
+    opt_state = {}
+    for key, t in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state["step"]
+
+
+def latest_checkpoint(path):
+    """`path` itself when it is a checkpoint, else its checkpoint-N folder with the largest N."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint-N folder with a trainer_state.json in it")
+    return found[-1]
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (a non-finite loss or gradient); the message says why and what was kept."""
+
+
+def build_toy(cfg, examples, kind):
+    """--model toy: train a tokenizer on the data's own text and build a seeded from-scratch model; save both."""
+    base = Path(cfg.out) / "base"
+    texts = (text for ex in examples for text in example_texts(kind, ex))
+    tokenizer_dir = train_tokenizer(texts, cfg.toy_vocab, base)
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    config = toy_config(len(tok), preset=cfg.toy_preset, eos_token_id=tok.eos_token_id)
+    save_model(Transformer(config), base, tokenizer_dir=None)
+    return str(base)
+
+
+def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
+    """Mean loss and metrics over a held-out dataset, no gradients (batch means averaged over batches)."""
+    totals, n_batches = {}, 0
+    collate = COLLATORS[cfg.method]
+    with torch.no_grad():
+        for s in range(0, len(dataset), cfg.batch_size):
+            idx = list(range(s, min(s + cfg.batch_size, len(dataset))))
+            batch = reference_rows(cfg, to_device(collate([dataset[i] for i in idx], PAD_ID[0]), device))
+            with autocast():
+                token_logps = scorer(**batch)
+            loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"],
+                                        None if ref is None else ref[idx].to(device))
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+    return {f"eval/{k}": v / n_batches for k, v in totals.items()}
+
+
+PAD_ID = [0]  # set from the tokenizer in train(); collators need it
+
+
+def train(cfg):
+    """Run one training job; returns the folder of the final Hugging Face model."""
+    if cfg.method not in SEQS_PER_EXAMPLE:
+        raise ValueError(f"method must be sft, dpo or iopo, got {cfg.method!r}")
+    if cfg.variant not in IOPO_VARIANTS:
+        raise ValueError(f"variant must be one of {IOPO_VARIANTS}, got {cfg.variant!r}")
+    if not cfg.data:
+        raise ValueError("--data is required: a training file in the method's format (see data.py)")
+    resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
+    if resume_dir is not None:  # the saved resolved config decides everything but where to write
+        saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
+        cfg = TrainConfig(**{**saved, "out": cfg.out, "resume": cfg.resume})
+    cfg.lr = cfg.lr or (1e-4 if cfg.method == "sft" else 5e-6)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    (rank, world), device = setup_distributed(device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data first: a bad file fails here, before any weights are loaded.
+    kind = cfg.method
+    read_stats = ReadStats()
+    records = RecordFile(cfg.data, kind, skip_bad=cfg.skip_bad, stats=read_stats)
+    if read_stats.skipped and is_main():
+        print(read_stats)
+    if len(records) == 0:
+        raise DataError(f"{cfg.data}: no usable {kind} examples")
+    if cfg.model == "toy":
+        if is_main():
+            cfg.model = build_toy(cfg, records, kind)
+        barrier()
+        cfg.model = str(out / "base")
+    tok = load_tokenizer(cfg.model)
+    PAD_ID[0] = tok.pad_token_id
+    dataset = EncodedDataset(records, kind, tok, max_len=cfg.max_len)
+    train_set, heldout = holdout_split(dataset, cfg.eval_size, seed=cfg.seed) if cfg.eval_size else (dataset, None)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+
+    # The network: full fine-tuning trains every weight; LoRA freezes them and trains adapters.
+    bf16 = cfg.dtype == "bfloat16"
+    load_dtype = torch.bfloat16 if bf16 and cfg.lora_rank else torch.float32
+    source = resume_dir if resume_dir is not None and not cfg.lora_rank else cfg.model
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
+    model = load_model(source, dtype=load_dtype, device=device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
+    scorer = Scorer(model)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
+                else contextlib.nullcontext)
+
+    # Reference log-probs: once, before training, from the starting weights (cached on disk), or per step.
+    ref_all, ref_scorer = None, None
+    if kind != "sft":
+        if cfg.ref_on_the_fly:
+            # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
+            ref_scorer = scorer if lora else Scorer(load_model(cfg.model, dtype=load_dtype, device=device)).requires_grad_(False)
+        else:
+            cache = out.parent / "ref_cache" / f"{kind}-{reference_cache_key(cfg, cfg.model)}.safetensors"
+            if not cache.is_file() and is_main():
+                if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
+                    ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device))
+                else:
+                    ref = scorer
+                ref.eval()
+                with adapters_disabled(model):
+                    ref_all = reference_logps(ref, dataset, cfg, device, autocast)
+                del ref
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
+            barrier()
+            with safe_open(cache, framework="pt") as f:
+                ref_all = f.get_tensor("ref_logps")
+            if len(ref_all) != len(dataset):
+                raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    sampler = BatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed)
+    micro_per_epoch = len(sampler)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    torch.manual_seed(cfg.seed + rank)  # dropout differs between processes, as their data does
+    random.seed(cfg.seed)
+    start = 0
+    if resume_dir is not None:
+        start = load_trainer_state(resume_dir, model, optimizer, sampler, lora)
+        if is_main():
+            print(f"resumed from {resume_dir} at step {start}")
+    ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 else scorer
+    if is_main():
+        write_json_atomic(out / "config.json", asdict(cfg))
+        if start == 0 and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        elif start:  # keep the log of the steps the checkpoint covers, drop the ones after it
+            kept = [l for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l).get("step", 0) <= start] \
+                if (out / "metrics.jsonl").exists() else []
+            write_atomic(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+
+    def micro_batches():
+        while True:
+            yield from sampler
+
+    batches_iter = micro_batches()
+    collate = COLLATORS[kind]
+    last_ckpt = resume_dir
+    bar = tqdm(total=total, initial=start, desc=f"{kind}", disable=not is_main(), dynamic_ncols=True)
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums, n_tokens = {}, 0
+        for micro in range(cfg.grad_accum):
+            positions = next(batches_iter)
+            mine = positions[rank::world]  # this process's shard of the global micro-batch
+            batch = reference_rows(cfg, to_device(collate([train_set[p] for p in mine], tok.pad_token_id), device))
+            n_tokens += int(batch["attention_mask"].sum())
+            if ref_all is not None:
+                ref = ref_all[[train_set.indices[p] for p in mine]].to(device)
+            elif ref_scorer is not None:
+                with torch.no_grad(), adapters_disabled(model), autocast():
+                    full = to_device(collate([train_set[p] for p in mine], tok.pad_token_id), device)
+                    ref = ref_scorer(**full).float().sum(-1).view(SEQS_PER_EXAMPLE[kind], -1).T
+            else:
+                ref = None
+            n_total = None
+            if kind == "sft":  # normalise by the tokens of the whole global micro-batch, so ranks agree
+                n_total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+                if world > 1:
+                    dist.all_reduce(n_total)
+                n_total = n_total.clamp(min=1) / world  # DDP averages gradients over the world
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                with autocast():
+                    token_logps = ddp(**batch)
+                loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"], ref, n_total)
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        keys = list(sums)
+        values = torch.stack([sums[k].float() for k in keys] + [grad_norm.float()])
+        if world > 1:
+            dist.all_reduce(values)
+            values[:-1] /= world  # the grad norm is already global after DDP's all-reduce
+            values[-1] /= world
+        values = values.tolist()  # the one host-device synchronisation of the step
+        row = {"step": step + 1, **dict(zip(keys, values[:-1])), "grad_norm": values[-1], "lr": lr}
+        if not all(math.isfinite(v) for v in values):
+            bar.close()
+            raise TrainingStopped(f"step {step + 1}: non-finite loss or gradient ({row}); stopped before updating "
+                                  f"the weights. Last good checkpoint: {last_ckpt or 'none (no checkpoint was saved)'}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        row["tokens_per_s"] = n_tokens * world / elapsed
+        if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and is_main():
+            model.eval()
+            ref_held = None if ref_all is None else ref_all[heldout.indices]
+            row.update(evaluate_loss(scorer, heldout, ref_held, cfg, device, autocast))
+            model.train()
+        if is_main():
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if (step + 1) % cfg.log_every == 0:
+                shown = {"loss": row["loss"]}
+                for k in ("margins", "accuracy", "accuracy/output", "accuracy/input"):
+                    if k in row:
+                        shown[k.split("/")[-1] if k != "accuracy/input" else "acc_in"] = row[k]
+                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+            bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            if is_main():
+                last_ckpt = out / f"checkpoint-{step + 1}"
+                save_checkpoint(last_ckpt, model, cfg.model, optimizer, sampler, step + 1, cfg, lora)
+            barrier()
+    bar.close()
+    final = out / "final"
+    if is_main():
+        save_model(merged_copy(model) if lora else model, final, tokenizer_dir=cfg.model)
+    barrier()
+    return final
+
+
+def parse_args(argv=None):
+    help_text = _field_help()
+    parser = argparse.ArgumentParser(
+        description="Train with SFT, DPO or IOPO. With no arguments at all, run the toy reproduction.")
+    parser.add_argument("method", choices=list(SEQS_PER_EXAMPLE), help="training objective")
+    for f in fields(TrainConfig):
+        if f.name == "method":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=help_text.get(f.name, ""))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text.get(f.name, '')} (default: {f.default})")
+    return TrainConfig(**vars(parser.parse_args(argv)))
