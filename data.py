@@ -30,7 +30,6 @@ Simplifications and departures:
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from model import load_tokenizer
+from model import load_tokenizer, write_atomic, write_json_atomic
 
 IGNORE_INDEX = -100  # label of a token that is not scored (what torch's cross_entropy ignores by default)
 ROLES = ("system", "user", "assistant")
@@ -765,13 +764,6 @@ COLLATORS = {"sft": collate_sft, "dpo": collate_dpo, "iopo": collate_iopo}
 # -----------------------------------------------------------------------------
 # A toy tokenizer
 
-def _write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def train_tokenizer(texts, vocab_size, out_dir, model_max_length=32768):
     """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir.
 
@@ -802,8 +794,8 @@ def train_tokenizer(texts, vocab_size, out_dir, model_max_length=32768):
                                  for t in SPECIAL_TOKENS},
         "chat_template": CHATML_TEMPLATE,
     }
-    _write_atomic(out_dir / "tokenizer.json", tok.to_str(pretty=False))
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
+    write_json_atomic(out_dir / "tokenizer_config.json", config)
     return out_dir
 
 
