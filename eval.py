@@ -129,10 +129,8 @@ _STOPWORDS = {
         "ur": "کے میں کی ہے اور سے کا کو یہ ہیں نے پر بھی ایک تھا کہ جو ہو گا وہ لیے کر تو",
     },
     "cyrillic": {
-        "ru": "и в не на что с по это как к из но он она они для от у же так все его был было быть мы вы я "
-              "то или при только",
-        "bg": "и в на е да се не с за от по че са това как но той тя те ще към при си или след което му "
-              "беше бъде",
+        "ru": "что это к из он она они для у же так все его был было быть мы вы я только",
+        "bg": "е да се за че са това той тя те ще към си след което му беше бъде",
         "uk": "і в на не що з та до у як це для від але він вона вони бути є так або",
     },
 }
@@ -145,21 +143,40 @@ _EMAIL_RE = re.compile(r"[-_.0-9A-Za-z]{1,64}@[-_0-9A-Za-z]{1,255}[-_.0-9A-Za-z]
 
 def _script_of(ch):
     cp = ord(ch)
-    if cp < 0x250 or 0x1E00 <= cp <= 0x1EFF:  # ASCII, Latin-1, Latin Extended A/B and Additional (Vietnamese)
-        return "latin"
+    if ch.isascii():
+        return "latin" if ch.isalpha() else None
+    if cp < 0x250 or 0x1E00 <= cp <= 0x1EFF:  # Latin-1, Latin Extended A/B and Additional (Vietnamese)
+        return "latin" if ch.isalpha() else None
     for lo, hi, script in _SCRIPTS:
-        if lo <= cp <= hi:
+        if lo <= cp <= hi:  # vowel signs and other marks count with their script, as in langdetect's n-grams
             return script
     return None
+
+
+# Letters (and word endings) that tell apart languages sharing a script, with the weight of each hit.
+_LETTER_HINTS = {
+    "latin": {"fi": ("äöÄÖ", 1), "de": ("üßÜ", 1), "pt": ("ãõÃÕ", 1)},
+    "cyrillic": {"ru": ("ыэёЫЭЁ", 3), "uk": ("іїєґІЇЄҐ", 3), "bg": ("ъЪ", 2)},
+    "arabic": {"ur": ("ٹڈڑںےۓھہۃ", 3), "fa": ("پچژگکی", 1), "ar": ("يكةىأإ", 1)},
+}
+_ENDING_HINTS = {
+    "latin": {"fi": ("ssa", "ssä", "sta", "stä", "lla", "llä", "lle", "ksi", "nen", "aan", "ään", "isi", "ssaan")},
+    "cyrillic": {"bg": ("ата", "ото", "ите", "ът", "ят", "ета", "ия"),
+                 "ru": ("ый", "ой", "ая", "ое", "ые", "ого", "ему", "ться", "ешь", "ие")},
+    "devanagari": {"ne": ("को", "मा", "हरू", "हरु", "छ", "छन्", "ियो"), "mr": ("च्या", "ची", "चा", "चे", "ांना", "ाची", "ून", "ले")},
+}
 
 
 def detect_language(text):
     """ISO 639-1 code of the main language of text (langdetect's codes), or None when it has no usable letters."""
     text = _EMAIL_RE.sub(" ", _URL_RE.sub(" ", text))
-    counts = collections.Counter(_script_of(ch) for ch in text if ch.isalpha())
+    # langdetect drops Latin letters when characters above U+0300 (marks and symbols included) outnumber them
+    # more than two to one; its "Latin" is the range A..z.
+    n_latin = sum(1 for ch in text if "A" <= ch <= "z")
+    n_other = sum(1 for ch in text if ch >= "\u0300" and not 0x1E00 <= ord(ch) <= 0x1EFF)
+    counts = collections.Counter(_script_of(ch) for ch in text)
     counts.pop(None, None)
-    non_latin = sum(n for script, n in counts.items() if script != "latin")
-    if counts["latin"] * 2 < non_latin:
+    if n_latin * 2 < n_other:
         counts.pop("latin", None)
     if not counts:
         return None
@@ -169,13 +186,12 @@ def detect_language(text):
     if script not in _STOPWORDS:
         return {"greek": "el", "hebrew": "he"}.get(script, script)
     words = [w.strip(_WORD_EDGES) for w in text.lower().split()]  # not \w+: it breaks Indic words at vowel signs
-    languages = _STOPWORDS[script]
-    score = {lang: sum(w in stop for w in words) for lang, stop in languages.items()}
-    if script == "cyrillic":  # letters that only one of the three uses
-        score["ru"] += 3 * sum(text.count(c) for c in "ыэёЫЭЁ")
-        score["uk"] += 3 * sum(text.count(c) for c in "іїєґІЇЄҐ")
-    best = max(score, key=score.get)  # ties go to the first listed language
-    return best
+    score = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS[script].items()}
+    for lang, (letters, weight) in _LETTER_HINTS.get(script, {}).items():
+        score[lang] += weight * sum(text.count(c) for c in letters)
+    for lang, endings in _ENDING_HINTS.get(script, {}).items():
+        score[lang] += sum(1 for w in words if len(w) > 3 and w.endswith(endings))
+    return max(score, key=score.get)  # ties go to the first listed language
 
 
 # -----------------------------------------------------------------------------

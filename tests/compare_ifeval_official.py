@@ -90,6 +90,8 @@ def main():
                 ref = official_verdict(registry, inst_id, kw, resp, loose)
                 got = ours.check_instruction(inst_id, kw, resp, loose=loose)
                 tag = ("matched" if matched else "cross", "loose" if loose else "strict")
+                if inst_id == "keywords:letter_frequency" and not kw["letter"].isalpha():
+                    tag = ("random-letter",) + tag[1:]  # the official code draws a random letter here
                 for key in (tag, tag + (inst_id,)):
                     agree[key][0] += ref == got
                     agree[key][1] += 1
