@@ -28,6 +28,11 @@ import re
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+import model as M
+import trace_gen
+
 # -----------------------------------------------------------------------------
 # Small file helpers
 
@@ -558,3 +563,321 @@ def score_ifeval(inputs, responses):
                 per_type[i].append(v)
         report[f"per_type_{mode}"] = {i: sum(v) / len(v) for i, v in sorted(per_type.items())}
     return rows["strict"], rows["loose"], report
+
+
+# -----------------------------------------------------------------------------
+# TRACE: per-constraint verdicts from trace_gen's checkers, IF-S / IF-M, and CFBench's CSR / ISR / PSR
+
+
+def cfbench_scores(verdict_lists, priority_lists):
+    """CFBench (arXiv 2408.01122) over items, each a list of 0/1 verdicts with 'primary'/'secondary' priorities.
+
+    CSR = mean over items of the share of constraints met;  ISR = share of items meeting all constraints;
+    PSR_i = 0 if a primary constraint fails, else 1 if every constraint is primary,
+            else 1[CSR_i > 0.8] if every constraint is secondary, else 1[0.5 + 0.5 * mean(secondary) > 0.8].
+    Returned in percent, with n_items.
+    """
+    if len(verdict_lists) != len(priority_lists):
+        raise ValueError(f"{len(verdict_lists)} verdict lists but {len(priority_lists)} priority lists")
+    csr, isr, psr = [], [], []
+    for i, (verdicts, priorities) in enumerate(zip(verdict_lists, priority_lists)):
+        if not verdicts or len(verdicts) != len(priorities):
+            raise ValueError(f"item {i}: {len(verdicts)} verdicts and {len(priorities)} priorities (need >= 1, equal)")
+        if any(p not in ("primary", "secondary") for p in priorities):
+            raise ValueError(f"item {i}: priorities must be 'primary' or 'secondary', got {priorities}")
+        csr_i = sum(map(bool, verdicts)) / len(verdicts)
+        primary = [bool(v) for v, p in zip(verdicts, priorities) if p == "primary"]
+        secondary = [bool(v) for v, p in zip(verdicts, priorities) if p == "secondary"]
+        if not all(primary):
+            psr_i = 0.0
+        elif not secondary:
+            psr_i = 1.0
+        elif not primary:
+            psr_i = float(csr_i > 0.8)
+        else:
+            psr_i = float(0.5 + 0.5 * sum(secondary) / len(secondary) > 0.8)
+        csr.append(csr_i)
+        isr.append(float(csr_i == 1.0))
+        psr.append(psr_i)
+    n = max(len(csr), 1)
+    return {"CSR": 100 * sum(csr) / n, "ISR": 100 * sum(isr) / n, "PSR": 100 * sum(psr) / n, "n_items": len(csr)}
+
+
+def judge_trace(items, responses):
+    """Per-item rows: the verdict of every constraint in item['checks'] on the matching response.
+
+    responses: a list aligned with items, or a dict id -> response; None (or an absent id) is a missing answer,
+    which fails every constraint and is flagged in the row.
+    """
+    if isinstance(responses, dict):
+        responses = [responses.get(str(item.get("id"))) for item in items]
+    if len(responses) != len(items):
+        raise ValueError(f"{len(items)} items but {len(responses)} responses")
+    rows = []
+    for n, (item, response) in enumerate(zip(items, responses)):
+        item_id = str(item.get("id", n))
+        checks = item.get("checks")
+        if not isinstance(checks, list) or not checks:
+            raise ValueError(f"item {item_id}: needs a non-empty 'checks' list (trace_gen.py eval items carry one)")
+        verdicts = []
+        for j, spec in enumerate(checks):
+            if not isinstance(spec, dict) or not {"dimension", "type", "family", "params"} <= spec.keys():
+                raise ValueError(f"item {item_id}, constraint {j + 1}: a spec needs dimension, type, family and "
+                                 f"params, got {spec!r:.200}")
+            try:
+                verdicts.append(response is not None and trace_gen.check(spec, response))
+            except ValueError as e:
+                raise ValueError(f"item {item_id}, constraint {j + 1}: {e}") from None
+        rows.append({"id": item_id, "constraints_num": len(checks), "follow_all": all(verdicts),
+                     "verdicts": verdicts, "types": [s["type"] for s in checks],
+                     "dimensions": [s["dimension"] for s in checks],
+                     "priorities": [s.get("priority", "primary") for s in checks],
+                     "missing": response is None, "empty": response is not None and not response.strip(),
+                     "response": response if response is not None else ""})
+    return rows
+
+
+def _share(flags):
+    return 100 * sum(flags) / len(flags) if flags else None
+
+
+def trace_report(rows):
+    """Metrics of judged rows: IF-S, IF-M, CSR / ISR / PSR, and breakdowns by type, dimension and count."""
+    single = [r["follow_all"] for r in rows if r["constraints_num"] == 1]
+    multi = [r["follow_all"] for r in rows if r["constraints_num"] > 1]
+    cf = cfbench_scores([r["verdicts"] for r in rows], [r["priorities"] for r in rows])
+    by = {"type": collections.defaultdict(list), "dimension": collections.defaultdict(list)}
+    by_count = collections.defaultdict(list)
+    for r in rows:
+        for v, t, d in zip(r["verdicts"], r["types"], r["dimensions"]):
+            by["type"][t].append(v)
+            by["dimension"][d].append(v)
+        by_count[r["constraints_num"]].append(r["follow_all"])
+    return {
+        "metrics": {"IF-S": _share(single), "IF-M": _share(multi), "IF": _share([r["follow_all"] for r in rows]),
+                    "CSR": cf["CSR"], "ISR": cf["ISR"], "PSR": cf["PSR"]},
+        "n_items": len(rows), "n_single": len(single), "n_multi": len(multi),
+        "n_constraints": sum(r["constraints_num"] for r in rows),
+        "missing_responses": sum(r["missing"] for r in rows), "empty_responses": sum(r["empty"] for r in rows),
+        "missing_ids": [r["id"] for r in rows if r["missing"]][:20],
+        "by_type": {k: {"pass": _share(v), "n": len(v)} for k, v in sorted(by["type"].items())},
+        "by_dimension": {k: {"pass": _share(v), "n": len(v)} for k, v in sorted(by["dimension"].items())},
+        "by_constraint_count": {str(k): {"IF": _share(v), "n": len(v)} for k, v in sorted(by_count.items())},
+    }
+
+
+def score_trace(items, responses):
+    """Report dict (see trace_report) for TRACE items with `checks` and their responses (list or id -> str)."""
+    return trace_report(judge_trace(items, responses))
+
+
+def _fmt(x):
+    return "" if x is None else f"{x:.1f}"
+
+
+def trace_markdown(report):
+    m = report["metrics"]
+    lines = ["| IF-S | IF-M | IF | CSR | ISR | PSR |", "|---|---|---|---|---|---|",
+             "| " + " | ".join(_fmt(m[k]) for k in ("IF-S", "IF-M", "IF", "CSR", "ISR", "PSR")) + " |", "",
+             f"{report['n_items']} items ({report['n_single']} single-, {report['n_multi']} multi-constraint), "
+             f"{report['n_constraints']} constraints; missing responses: {report['missing_responses']}, "
+             f"empty: {report['empty_responses']}.", ""]
+    for key, title in (("by_type", "type"), ("by_dimension", "dimension")):
+        lines += [f"| {title} | constraints met (%) | n |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v['pass'])} | {v['n']} |" for k, v in report[key].items()] + [""]
+    lines += ["| constraints per item | IF (%) | n |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(v['IF'])} | {v['n']} |" for k, v in report["by_constraint_count"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Generation: the model's chat template on each item's messages, batched KV-cache decoding
+
+
+def item_messages(item):
+    """Chat messages of an item: TRACE items carry 'messages' (system + user), IFEval inputs only a 'prompt'."""
+    if isinstance(item.get("messages"), list) and item["messages"]:
+        return item["messages"]
+    if isinstance(item.get("prompt"), str):
+        return [{"role": "user", "content": item["prompt"]}]
+    raise ValueError(f"item {item.get('id', item.get('key', '?'))} has neither 'messages' nor 'prompt'")
+
+
+def generate_responses(model, tok, items, max_new_tokens=512, batch_size=8, temperature=0.0, top_p=1.0, seed=None,
+                       progress=True):
+    """One answer per item (greedy by default). Items are batched by prompt length to waste little padding."""
+    prompts = [tok.apply_chat_template(item_messages(item), add_generation_prompt=True) for item in items]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="answers", unit="batch", disable=not progress):
+        new_tokens = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
+                                top_p=top_p, eos_token_ids=tok.eos_token_ids, seed=seed,
+                                pad_token_id=tok.pad_token_id)
+        for i, ids in zip(batch, new_tokens):
+            answers[i] = tok.decode(ids, skip_special_tokens=True)
+    return answers
+
+
+def _load_for_generation(args):
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = M.load_model(args.model, dtype=args.dtype, device=device)
+    return model, M.load_tokenizer(args.model)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _read_responses(path, key):
+    """key -> response from a JSONL file of {key, "response"} rows (duplicates: the first one wins)."""
+    out = {}
+    for n, row in enumerate(read_jsonl(path), 1):
+        if key not in row or not isinstance(row.get("response"), str):
+            raise SystemExit(f"error: {path}: row {n} needs {key!r} and a string 'response' (got keys {sorted(row)})")
+        out.setdefault(str(row[key]) if key == "id" else row[key], row["response"])
+    return out
+
+
+def _label(args):
+    if args.label:
+        return args.label
+    return Path(args.model).name if args.model else Path(args.responses).stem
+
+
+def cmd_trace(args):
+    items = read_jsonl(args.data)
+    out = Path(args.out or Path("runs") / "eval" / f"trace-{_label(args)}")
+    if args.model:
+        model, tok = _load_for_generation(args)
+        answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
+                                     args.top_p, args.seed)
+        responses = {str(item.get("id", n)): a for n, (item, a) in enumerate(zip(items, answers))}
+        write_jsonl(out / "responses.jsonl", [{"id": k, "response": v} for k, v in responses.items()])
+    else:
+        responses = _read_responses(args.responses, "id")
+        unknown = set(responses) - {str(item.get("id", n)) for n, item in enumerate(items)}
+        if unknown:
+            print(f"warning: {len(unknown)} responses match no item id in {args.data} (e.g. {sorted(unknown)[:3]})")
+    try:
+        rows = judge_trace(items, [responses.get(str(item.get("id", n))) for n, item in enumerate(items)])
+    except ValueError as e:
+        raise SystemExit(f"error: {args.data}: {e}")
+    report = trace_report(rows)
+    report.update(benchmark="trace", label=_label(args), data=str(args.data))
+    write_jsonl(out / "results.jsonl", rows)
+    write_json(out / "report.json", report)
+    table = trace_markdown(report)
+    write_atomic(out / "report.md", table)
+    print(table)
+    if report["missing_responses"]:
+        print(f"warning: {report['missing_responses']} items had no response (counted as failures), e.g. "
+              f"{report['missing_ids'][:5]}")
+    print(f"wrote {out}/results.jsonl, report.json, report.md")
+
+
+def cmd_ifeval(args):
+    inputs = read_jsonl(args.input)
+    out = Path(args.out)
+    if args.model:
+        model, tok = _load_for_generation(args)
+        answers = generate_responses(model, tok, inputs, args.max_new_tokens, args.batch_size, args.temperature,
+                                     args.top_p, args.seed)
+        responses = {inp["prompt"]: a for inp, a in zip(inputs, answers)}
+        write_jsonl(out / "input_response_data.jsonl", [{"prompt": p, "response": r} for p, r in responses.items()])
+    else:
+        responses = _read_responses(args.responses, "prompt")
+    try:
+        strict, loose, report = score_ifeval(inputs, responses)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.input}: {e}")
+    report["metrics"] = {"S-Acc": 100 * report["prompt_level_strict"], "L-Acc": 100 * report["prompt_level_loose"],
+                         "I-Acc strict": 100 * report["instruction_level_strict"],
+                         "I-Acc loose": 100 * report["instruction_level_loose"]}
+    report.update(benchmark="ifeval", label=_label(args), input=str(args.input))
+    write_jsonl(out / "eval_results_strict.jsonl", strict)
+    write_jsonl(out / "eval_results_loose.jsonl", loose)
+    write_json(out / "report.json", report)
+    for mode in ("strict", "loose"):
+        print(f"prompt-level {mode}: {report[f'prompt_level_{mode}']:.4f}   "
+              f"instruction-level {mode}: {report[f'instruction_level_{mode}']:.4f}")
+    if report["missing_responses"]:
+        print(f"warning: {report['missing_responses']} prompts had no response (counted as failures), e.g. keys "
+              f"{report['missing_keys'][:5]}")
+    print(f"wrote {out}/eval_results_strict.jsonl, eval_results_loose.jsonl, report.json")
+
+
+TABLE3 = ("IF-S", "IF-M", "S-Acc", "L-Acc", "CSR", "ISR", "PSR")
+
+
+def compare_table(reports):
+    """Markdown table in the layout of the paper's Table 3; reports with the same label share one row."""
+    rows = {}
+    for report in reports:
+        rows.setdefault(report.get("label", "?"), {}).update(report.get("metrics", {}))
+    lines = ["| run | " + " | ".join(TABLE3) + " |", "|---|" + "---|" * len(TABLE3)]
+    for label, metrics in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(k)) for k in TABLE3) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_compare(args):
+    reports = []
+    for path in args.reports:
+        path = Path(path)
+        path = path / "report.json" if path.is_dir() else path
+        if not path.is_file():
+            raise SystemExit(f"error: {path} does not exist")
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path} is not valid JSON ({e.msg})")
+        if not isinstance(report, dict) or "metrics" not in report:
+            raise SystemExit(f"error: {path} is not a report written by eval.py (no 'metrics')")
+        reports.append(report)
+    print(compare_table(reports), end="")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def answers_source(sp):
+        src = sp.add_mutually_exclusive_group(required=True)
+        src.add_argument("--responses", help="JSONL of answers to score (TRACE: {id, response}; IFEval: {prompt, response})")
+        src.add_argument("--model", help="checkpoint folder (model.py format) to generate the answers with first")
+        sp.add_argument("--label", help="name of this run in reports and `compare` (default: model folder or file name)")
+        sp.add_argument("--max-new-tokens", type=int, default=512, help="token budget per answer (default 512)")
+        sp.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+        sp.add_argument("--seed", type=int, default=None, help="sampling seed (only used when temperature > 0)")
+        sp.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+        sp.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+
+    t = sub.add_parser("trace", help="score TRACE items that carry trace_gen.py checks")
+    t.add_argument("--data", required=True, help="eval JSONL written by trace_gen.py (items with 'checks')")
+    answers_source(t)
+    t.add_argument("--out", help="output folder (default runs/eval/trace-<label>)")
+    t.set_defaults(func=cmd_trace)
+
+    f = sub.add_parser("ifeval", help="score IFEval answers, strict and loose, in the official output format")
+    f.add_argument("--input", required=True, help="IFEval input_data.jsonl (key, prompt, instruction_id_list, kwargs)")
+    answers_source(f)
+    f.add_argument("--out", required=True, help="output folder")
+    f.set_defaults(func=cmd_ifeval)
+
+    c = sub.add_parser("compare", help="print reports side by side (IF-S IF-M S-Acc L-Acc CSR ISR PSR)")
+    c.add_argument("reports", nargs="+", help="report.json files or the folders that hold them")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
