@@ -534,12 +534,6 @@ class TrainConfig:
     log_every: int = 1  # print to the progress bar every N steps (metrics.jsonl gets every step)
 
 
-def _field_help():
-    """The trailing comment of each TrainConfig field, used as its --help text (the dataclass is the doc)."""
-    src = inspect.getsource(TrainConfig)
-    return dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", src, flags=re.M))
-
-
 def lr_at(step, total, peak, warmup_ratio):
     """Linear warmup over the first warmup_ratio * total steps, then cosine decay to zero (step is 0-based)."""
     warmup = int(math.ceil(warmup_ratio * total))
@@ -957,18 +951,114 @@ def train(cfg):
     return final
 
 
-def parse_args(argv=None):
-    help_text = _field_help()
-    parser = argparse.ArgumentParser(
-        description="Train with SFT, DPO or IOPO. With no arguments at all, run the toy reproduction.")
-    parser.add_argument("method", choices=list(SEQS_PER_EXAMPLE), help="training objective")
-    for f in fields(TrainConfig):
-        if f.name == "method":
+# --- the toy reproduction: `python iopo.py` with no arguments
+#
+# The paper's Table 3 in miniature, on a CPU: synthetic TRACE data (trace_gen.py), a tokenizer and a small
+# model trained from scratch with SFT, then DPO and IOPO from the SFT model on the same instructions, each
+# scored on held-out synthetic TRACE items by code (eval.py).
+
+
+@dataclass
+class ToyConfig:
+    out: str = "runs/toy"  # everything goes under OUT/seed{seed}/
+    seed: int = 0  # one seed drives the data, the model init and the data order
+    n_train: int = 2000  # synthetic training instructions (each gives an SFT, a DPO and an IOPO example)
+    n_eval: int = 200  # held-out evaluation items
+    preset: str = "tiny"  # model.PRESETS size of the from-scratch model
+    vocab: int = 1024  # tokenizer vocabulary
+    sft_steps: int = 300  # SFT optimizer steps
+    sft_lr: float = 3e-3  # SFT peak learning rate (a from-scratch toy wants far more than the paper's 1e-4)
+    sft_batch: int = 16  # instructions per SFT step
+    pref_steps: int = 60  # DPO / IOPO optimizer steps
+    pref_lr: float = 2e-4  # DPO / IOPO peak learning rate
+    pref_batch: int = 8  # instructions per DPO / IOPO step (IOPO: 4 sequences each, DPO: 2)
+    beta: float = 0.1  # DPO / IOPO beta
+    max_new_tokens: int = 96  # generation budget per evaluation answer
+    ablations: bool = False  # also train IOPO without input / without output preference (Table 4)
+
+
+def toy_reproduction(tc):
+    """Generate data, train SFT -> {DPO, IOPO, ablations}, evaluate all, print and save the comparison table."""
+    import eval as evaluation  # eval.py imports this file's neighbours only; imported here to keep startup light
+    import trace_gen
+
+    root = Path(tc.out) / f"seed{tc.seed}"
+    t0 = time.time()
+    data = trace_gen.generate_data(tc.n_train, tc.n_eval, tc.seed, toy=True, progress=False)
+    trace_gen.write_outputs(data, root / "data")
+    files = {kind: root / "data" / f"{kind}.jsonl" for kind in ("sft", "dpo", "iopo", "eval")}
+    print(f"[{time.time() - t0:5.0f}s] data: {len(data['sft'])} training instructions, {len(data['eval'])} eval items "
+          f"-> {root / 'data'}")
+
+    common = dict(seed=tc.seed, grad_accum=1, warmup_ratio=0.1, max_len=512, toy_preset=tc.preset, toy_vocab=tc.vocab,
+                  log_every=10)
+    sft = train(TrainConfig(method="sft", model="toy", data=str(files["sft"]), out=str(root / "sft"), lr=tc.sft_lr,
+                            max_steps=tc.sft_steps, batch_size=tc.sft_batch, weight_decay=0.1, **common))
+    print(f"[{time.time() - t0:5.0f}s] SFT done -> {sft}")
+    runs = {"SFT": sft}
+    jobs = [("DPO", "dpo", "full"), ("IOPO", "iopo", "full")]
+    if tc.ablations:
+        jobs += [("IOPO w/o input pref", "iopo", "no_input_pref"), ("IOPO w/o output pref", "iopo", "no_output_pref")]
+    for label, method, variant in jobs:
+        out = root / label.lower().replace(" ", "_").replace("/", "")
+        runs[label] = train(TrainConfig(method=method, model=str(sft), data=str(files[method]), out=str(out),
+                                        lr=tc.pref_lr, max_steps=tc.pref_steps, batch_size=tc.pref_batch,
+                                        beta=tc.beta, variant=variant, **common))
+        print(f"[{time.time() - t0:5.0f}s] {label} done -> {runs[label]}")
+
+    items = data["eval"]
+    reports = []
+    for label, path in runs.items():
+        net, tok = load_model(path), load_tokenizer(path)
+        responses = evaluation.generate_responses(net, tok, items, max_new_tokens=tc.max_new_tokens, batch_size=50,
+                                                  progress=False)
+        report = {"label": label, **evaluation.score_trace(items, responses)}
+        write_json_atomic(Path(path).parent / "eval_report.json", report)
+        write_atomic(Path(path).parent / "eval_responses.jsonl", lambda tmp, r=responses: Path(tmp).write_text(
+            "".join(json.dumps({"id": item["id"], "response": resp}) + "\n" for item, resp in zip(items, r))))
+        reports.append(report)
+        print(f"[{time.time() - t0:5.0f}s] evaluated {label}")
+    table = evaluation.compare_table(reports)
+    write_atomic(root / "results.md", lambda tmp: Path(tmp).write_text(table))
+    write_json_atomic(root / "results.json", {r["label"]: r["metrics"] for r in reports})
+    print(f"\nSynthetic TRACE, {len(items)} held-out items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}")
+    return reports
+
+
+def _add_dataclass_args(parser, cls, skip=()):
+    """One --flag per dataclass field, its help taken from the field's trailing comment."""
+    help_text = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
+    for f in fields(cls):
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=help_text.get(f.name, ""))
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text.get(f.name, '')} (default: {f.default})")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    for method in SEQS_PER_EXAMPLE:
+        _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}"), TrainConfig, skip=("method",))
+    _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig)
+    args = vars(parser.parse_args(argv or ["toy"]))
+    command = args.pop("command")
+    try:
+        if command == "toy":
+            toy_reproduction(ToyConfig(**args))
+        else:
+            print(f"final model: {train(TrainConfig(method=command, **args))}")
+    except (TrainingStopped, DataError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Training (iopo.py): each method learns on a tiny model, LoRA, cached reference log-probs, exact resume, clean stops."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import iopo
+import model as M
+from data import DataError
+
+WORDS = "apple river mountain cloud green blue quick slow happy tiny large music garden story".split()
+
+
+def write_data(folder, n=16, seed=0):
+    """Small SFT, DPO and IOPO files about the same instructions: y2 uses the keyword that x2 asks for."""
+    rng = random.Random(seed)
+    rows = {"sft": [], "dpo": [], "iopo": []}
+    for _ in range(n):
+        a, b = rng.sample(WORDS, 2)
+        x1, x2 = f"Write about {a}. Use the word {a}.", f"Write about {a}. Use the word {b}."
+        y1, y2 = f"The {a} is {rng.choice(WORDS)}.", f"The {b} is {rng.choice(WORDS)}."
+        rows["sft"].append({"prompt": x1, "response": y1})
+        rows["dpo"].append({"prompt": x1, "chosen": y1, "rejected": y2})
+        rows["iopo"].append({"x1": x1, "y1": y1, "x2": x2, "y2": y2})
+    paths = {}
+    for kind, items in rows.items():
+        paths[kind] = Path(folder) / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in items))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """Data files plus a tiny from-scratch model and tokenizer trained on them (the --model toy path)."""
+    folder = tmp_path_factory.mktemp("train")
+    paths = write_data(folder)
+    cfg = iopo.TrainConfig(method="sft", model="toy", data=str(paths["sft"]), out=str(folder / "toy"),
+                           toy_preset="tiny", toy_vocab=300, max_steps=1, batch_size=2, grad_accum=1)
+    iopo.train(cfg)
+    return folder, paths, folder / "toy" / "base"
+
+
+def config(base, data, out, method, **kw):
+    defaults = dict(method=method, model=str(base), data=str(data), out=str(out), max_steps=4, batch_size=4,
+                    grad_accum=1, lr=2e-3, warmup_ratio=0.0, max_grad_norm=0.0, seed=0)
+    return iopo.TrainConfig(**{**defaults, **kw})
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
+def test_each_method_learns_and_moves_every_weight(toy_dir, tmp_path, method):
+    """A few full fine-tuning steps on one fixed batch lower the loss, raise the margin and change every weight."""
+    folder, paths, base = toy_dir
+    cfg = config(base, paths[method], tmp_path / method, method, max_steps=6, batch_size=16)
+    final = iopo.train(cfg)
+    rows = losses(tmp_path / method)
+    assert rows[-1]["loss"] < rows[0]["loss"], f"{method}: loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}"
+    if method == "dpo":
+        assert rows[-1]["margins"] > rows[0]["margins"], [r["margins"] for r in rows]
+    if method == "iopo":
+        margin = lambda r: r["margins/output_x1"] + r["margins/input_y1"]
+        assert margin(rows[-1]) > margin(rows[0]), [margin(r) for r in rows]
+    before, after = M.load_model(base).state_dict(), M.load_model(final).state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"{method}: weights that did not move: {unchanged}"
+
+
+def test_lora_disabled_equals_base_and_only_adapters_train(toy_dir, tmp_path):
+    """With adapters switched off a LoRA model is the base model; IOPO with LoRA moves the adapters only."""
+    folder, paths, base = toy_dir
+    net = M.load_model(base)
+    ids = torch.randint(3, 300, (2, 12))
+    reference = net(ids)
+    lora = iopo.add_lora(net, rank=4, alpha=8, dropout=0.0)
+    for m in lora:  # a non-zero update, as after training
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    assert not torch.allclose(net(ids), reference), "the adapters should change the output"
+    with iopo.adapters_disabled(net):
+        torch.testing.assert_close(net(ids), reference, rtol=0, atol=0)
+    merged = iopo.merged_copy(net)
+    torch.testing.assert_close(merged(ids), net(ids), rtol=1e-5, atol=1e-5)
+
+    cfg = config(base, paths["iopo"], tmp_path / "lora", "iopo", lora_rank=4, lora_alpha=8, lr=1e-2)
+    final = iopo.train(cfg)
+    rows = losses(tmp_path / "lora")
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    trained = M.load_model(final).state_dict()
+    start = M.load_model(base).state_dict()
+    moved = {k for k in start if not torch.equal(start[k], trained[k])}
+    targets = {k for k in start if any(f".{t}." in k for t in iopo.LORA_TARGETS)}
+    assert moved == targets, f"moved but not LoRA targets: {sorted(moved - targets)[:4]}; " \
+                             f"LoRA targets that did not move: {sorted(targets - moved)[:4]}"
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, lora_rank):
+    """Reference log-probs computed once and cached give the same run as computing them at every step."""
+    folder, paths, base = toy_dir
+    runs = {}
+    for on_the_fly in (False, True):
+        out = tmp_path / f"fly{on_the_fly}"
+        iopo.train(config(base, paths["dpo"], out, "dpo", ref_on_the_fly=on_the_fly, lora_rank=lora_rank))
+        runs[on_the_fly] = [r["loss"] for r in losses(out)]
+    assert runs[False] == pytest.approx(runs[True], rel=1e-6, abs=1e-7), runs
+    assert any((tmp_path / "ref_cache").glob("dpo-*.safetensors")), "the cache file should exist"
+
+
+@pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
+def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
+    """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run."""
+    folder, paths, base = toy_dir
+    full = config(base, paths[method], tmp_path / "full", method, max_steps=6, batch_size=3, grad_accum=2,
+                  save_every=3, lora_rank=lora_rank, lora_dropout=0.1 if lora_rank else 0.0, warmup_ratio=0.3)
+    iopo.train(full)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+    M.load_model(checkpoint)  # the checkpoint's weights are a plain Hugging Face folder
+    resumed = iopo.TrainConfig(method=method, data=str(paths[method]), out=str(tmp_path / "resumed"), resume=str(checkpoint))
+    iopo.train(resumed)
+    want = [r["loss"] for r in losses(tmp_path / "full")][3:]
+    got = [r["loss"] for r in losses(tmp_path / "resumed")]
+    assert got == want, f"resumed {got} != uninterrupted {want}"
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_dir, tmp_path):
+    """A learning rate that blows the weights up stops the run with a message; the last good checkpoint survives."""
+    folder, paths, base = toy_dir
+    cfg = config(base, paths["sft"], tmp_path / "nan", "sft", lr=1e30, max_steps=6, save_every=1)
+    with pytest.raises(iopo.TrainingStopped, match=r"non-finite .* Last good checkpoint: .*checkpoint-\d"):
+        iopo.train(cfg)
+    kept = sorted((tmp_path / "nan").glob("checkpoint-*"))
+    assert kept, "no checkpoint was kept"
+    M.load_model(kept[-1])  # loads: it was written completely
+    assert not list((tmp_path / "nan").glob(".checkpoint-*")), "temporary folders were left behind"
+
+
+def test_bad_data_fails_before_training(toy_dir, tmp_path):
+    """A malformed data file stops with data.py's file:line message before any model is built or loaded."""
+    folder, paths, base = toy_dir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"x1": "a", "y1": "b", "x2": "c", "y2": "d"}) + "\n" + json.dumps({"x1": "a", "y1": "b", "x2": "c"}) + "\n")
+    with pytest.raises(DataError, match=r'bad\.jsonl:2: .*"y2"'):
+        iopo.train(iopo.TrainConfig(method="iopo", model="toy", data=str(bad), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "base").exists(), "nothing should be built for a bad file"
