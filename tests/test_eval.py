@@ -1,0 +1,341 @@
+"""eval.py: IFEval checkers (strict / loose), CFBench metrics, TRACE scoring, generation and the command line."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as E  # noqa: E402
+import trace_gen  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "eval_fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# (instruction id, kwargs, response, strict verdict, loose verdict); the edge cases follow ../shared/IFEVAL.md
+IFEVAL_CASES = [
+    ("keywords:existence", {"keywords": ["cat", "dog"]}, "I concatenate DOGS.", True, True),  # regex substring
+    ("keywords:existence", {"keywords": ["cat", "dog"]}, "Only a cat here.", False, False),
+    ("keywords:frequency", {"keyword": "the", "frequency": 3, "relation": "at least"}, "The theme of the day", True, True),
+    ("keywords:frequency", {"keyword": "the", "frequency": 3, "relation": "less than"}, "The theme of the day", False, False),
+    ("keywords:forbidden_words", {"forbidden_words": ["cat"]}, "A scathing concatenation.", True, True),  # \b bounds
+    ("keywords:forbidden_words", {"forbidden_words": ["cat"]}, "My Cat sleeps.", False, False),
+    ("keywords:letter_frequency", {"letter": "A", "let_frequency": 3, "let_relation": "at least"}, "Banana", True, True),
+    ("keywords:letter_frequency", {"letter": "z", "let_frequency": 1, "let_relation": "less than"}, "Zebra", False, False),
+    ("language:response_language", {"language": "ko"}, "날씨가 좋아서 우리는 시장에 갔습니다.", True, True),
+    ("language:response_language", {"language": "ko"}, "The weather was nice so we went out.", False, False),
+    ("language:response_language", {"language": "de"}, "1234 !!! ???", True, True),  # no letters: followed
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"},
+     "Mr. Smith went to Washington. He arrived at 5 p.m. on Friday!", True, True),  # abbreviations do not split
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
+     "Apples, pears, etc. and more. Done.", True, True),  # "etc" is not in Punkt's English list: it splits
+    ("length_constraints:number_sentences", {"num_sentences": 2, "relation": "at least"},
+     "See the U.S. map on p. 4 now", False, False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "*** First. *** Second. ***", True, True),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "First.\n***\n***\nSecond.", False, False),
+    ("length_constraints:number_words", {"num_words": 5, "relation": "at least"}, "it's a well-known fact", True, True),
+    ("length_constraints:number_words", {"num_words": 5, "relation": "less than"}, "one two three four five", False, False),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"},
+     "First part.\n\n\"Then, the second.", True, True),  # leading quote and trailing comma are dropped
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"},
+     "\n\nFirst part.\n\nThen the second.", False, True),  # the empty leading piece is paragraph #1
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], see [address].", True, True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name].", False, False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\np.s. bye", True, True),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Hi.\nP. P. S. later", True, True),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi. PS bye", False, False),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "* a\n  - b\n---", True, True),  # "---" counts
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "**Bold**\n* a\n* b\n1. c", True, True),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "Intro\n* a\n* b\n* c", False, True),  # loose: last line
+    ("detectable_format:constrained_response", {}, "Well. My answer is maybe.", True, True),
+    ("detectable_format:constrained_response", {}, "my answer is yes.", False, False),  # case-sensitive
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* and **two**", True, True),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 1}, "** ** and *\n*", False, False),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nfoo\nSECTION 2\nbar", True, True),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "Section 1\nfoo\nSection 2\nbar", False, False),  # case-sensitive
+    ("detectable_format:json_format", {}, "```json\n{\"a\": 1}\n```", True, True),
+    ("detectable_format:json_format", {}, "Here you go:\n{\"a\": 1}", False, True),  # loose drops the first line
+    ("detectable_format:title", {}, "<<My Title>>\nbody", True, True),
+    ("detectable_format:title", {}, "<<  >>\nbody", False, False),
+    ("combination:two_responses", {}, "Answer one.\n******\nAnswer two.", True, True),
+    ("combination:two_responses", {}, "Same.\n******\nSame.", False, False),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "  say HI. Hello!", True, True),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "Sure! Say hi. Hello!", False, False),
+    ("startend:end_checker", {"end_phrase": "Any questions?"}, "Done. any questions?\"  ", True, True),
+    ("startend:end_checker", {"end_phrase": "Any questions?"}, "Any questions? Bye.", False, False),
+    ("startend:quotation", {}, "  \"quoted\" ", True, True),
+    ("startend:quotation", {}, "Here:\n\"quoted\"", False, True),
+    ("startend:quotation", {}, "\u201ccurly\u201d", False, False),  # only the ASCII double quote counts
+    ("change_case:capital_word_frequency", {"capital_frequency": 8, "capital_relation": "at least"},
+     "I'm SURE the USA's GDP isn't HIGH. DON'T PANIC!", True, True),  # I, SURE, USA, GDP, HIGH, DO, N'T, PANIC
+    ("change_case:capital_word_frequency", {"capital_frequency": 4, "capital_relation": "less than"},
+     "The NASA-JPL team (AI) met CANNOT", False, False),  # NASA-JPL, AI, CAN, NOT
+    ("change_case:english_capital", {}, "THIS IS ALL IN CAPITAL LETTERS AND IT IS WRITTEN IN ENGLISH.", True, True),
+    ("change_case:english_capital", {}, "THIS IS MOSTLY CAPITAL but not all.", False, False),
+    ("change_case:english_lowercase", {}, "this answer is written in lowercase english only.", True, True),
+    ("change_case:english_lowercase", {}, "Title\nthis answer is written in lowercase english only.", False, True),
+    ("punctuation:no_comma", {}, "No commas here\uff0c only a full-width one.", True, True),
+    ("punctuation:no_comma", {}, "Sure, here it is:\nno commas below", False, True),
+]
+
+
+@pytest.mark.parametrize("inst_id,kwargs,response,strict,loose", IFEVAL_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(IFEVAL_CASES)])
+def test_ifeval_checker(inst_id, kwargs, response, strict, loose):
+    """Each IFEval instruction type gives the official verdict on crafted responses, strict and loose."""
+    got = (E.check_instruction(inst_id, kwargs, response), E.check_instruction(inst_id, kwargs, response, loose=True))
+    assert got == (strict, loose), f"{inst_id} {kwargs} on {response!r}: got {got}, expected {(strict, loose)}"
+
+
+def test_every_ifeval_type_is_covered():
+    """The case table exercises all 25 registered instruction types, each with a passing and a failing answer."""
+    outcomes = {}
+    for inst_id, _, _, strict, _ in IFEVAL_CASES:
+        outcomes.setdefault(inst_id, set()).add(strict)
+    assert set(outcomes) == set(E.IFEVAL_CHECKS), f"uncovered: {set(E.IFEVAL_CHECKS) - set(outcomes)}"
+    assert len(E.IFEVAL_CHECKS) == 25, f"{len(E.IFEVAL_CHECKS)} types registered"
+    one_sided = sorted(i for i, s in outcomes.items() if s != {True, False})
+    assert not one_sided, f"types without both a pass and a fail case: {one_sided}"
+
+
+def test_empty_response_fails_everything():
+    """An answer that is blank after strip() follows no instruction, strict or loose (even 'no comma')."""
+    for inst_id in ("punctuation:no_comma", "keywords:forbidden_words", "language:response_language"):
+        kwargs = {"forbidden_words": ["x"]} if "forbidden" in inst_id else {"language": "en"} if "language" in inst_id else {}
+        for loose in (False, True):
+            assert E.check_instruction(inst_id, kwargs, "  \n ", loose=loose) is False, (inst_id, loose)
+
+
+def test_loose_variants_order_and_count():
+    """The 8 loose variants: as is, without '*', minus first / last / both lines, and those without '*'."""
+    v = E.loose_variants("*a*\nb\n*c*")
+    assert v == ["*a*\nb\n*c*", "a\nb\nc", "b\n*c*", "*a*\nb", "b", "b\nc", "a\nb", "b"], v
+
+
+@pytest.mark.parametrize("text,n", [
+    ("Mr. Smith went to Washington. He arrived at 5 p.m. on Friday!", 2),
+    ("Prices rose 3.5% in the U.S. The Fed acted.", 2),
+    ("Wait... what? Really!? Yes.", 3),
+    ("1. Buy milk.\n2. Call Mom.\n3. rest", 5),
+    ('He said "Stop." Then he left.', 2),
+    ("See Fig. 3 for details. Thanks.", 3),
+    ("Dr. J. Doe arrived. The end.", 2),
+    ("", 0),
+])
+def test_sentence_counts_match_punkt(text, n):
+    """Sentence counts equal what NLTK's English Punkt gives on the same text (values taken from NLTK 3.10)."""
+    got = E.split_sentences(text)
+    assert len(got) == n, f"{text!r}: {len(got)} sentences {got}, NLTK gives {n}"
+
+
+LANGUAGE_SAMPLES = {  # one sentence per language that IFEval asks for (langdetect agrees on each)
+    "en": "The weather was pleasant, so we walked to the market and bought some fresh bread for the family.",
+    "de": "Das Wetter war schön, deshalb sind wir zum Markt gegangen und haben frisches Brot für die Familie gekauft.",
+    "it": "Il tempo era bello, quindi siamo andati al mercato e abbiamo comprato del pane fresco per la famiglia.",
+    "pt": "O tempo estava agradável, então fomos ao mercado e compramos pão fresco para a família.",
+    "fi": "Sää oli kaunis, joten kävelimme torille ja ostimme tuoretta leipää koko perheelle.",
+    "sw": "Hali ya hewa ilikuwa nzuri, kwa hiyo tulitembea hadi sokoni na kununua mkate kwa ajili ya familia.",
+    "vi": "Thời tiết rất đẹp, vì vậy chúng tôi đã đi bộ đến chợ và mua bánh mì tươi cho cả gia đình.",
+    "ru": "Погода была хорошая, поэтому мы пошли на рынок и купили свежий хлеб для всей семьи.",
+    "bg": "Времето беше хубаво, затова отидохме на пазара и купихме пресен хляб за цялото семейство.",
+    "hi": "मौसम अच्छा था, इसलिए हम बाज़ार गए और परिवार के लिए ताज़ी रोटी खरीदी।",
+    "mr": "हवामान छान होते, म्हणून आम्ही बाजारात गेलो आणि कुटुंबासाठी ताजी भाकरी विकत घेतली.",
+    "ne": "मौसम राम्रो थियो, त्यसैले हामी बजार गयौं र परिवारका लागि ताजा रोटी किनेका थियौं।",
+    "ar": "كان الطقس جميلا، لذلك ذهبنا إلى السوق واشترينا خبزا طازجا للعائلة.",
+    "fa": "هوا خوب بود، بنابراین به بازار رفتیم و برای خانواده نان تازه خریدیم.",
+    "ur": "موسم اچھا تھا، اس لیے ہم بازار گئے اور گھر والوں کے لیے تازہ روٹی خریدی۔",
+    "bn": "আবহাওয়া ভালো ছিল, তাই আমরা বাজারে গিয়ে পরিবারের জন্য তাজা রুটি কিনলাম।",
+    "pa": "ਮੌਸਮ ਵਧੀਆ ਸੀ, ਇਸ ਲਈ ਅਸੀਂ ਬਾਜ਼ਾਰ ਗਏ ਅਤੇ ਪਰਿਵਾਰ ਲਈ ਤਾਜ਼ੀ ਰੋਟੀ ਖਰੀਦੀ।",
+    "gu": "હવામાન સરસ હતું, તેથી અમે બજારમાં ગયા અને પરિવાર માટે તાજી રોટલી ખરીદી.",
+    "ta": "வானிலை நன்றாக இருந்தது, அதனால் நாங்கள் சந்தைக்குச் சென்று குடும்பத்திற்கு புதிய ரொட்டி வாங்கினோம்.",
+    "te": "వాతావరణం బాగుంది, అందుకే మేము మార్కెట్‌కు వెళ్లి కుటుంబం కోసం తాజా రొట్టె కొన్నాము.",
+    "kn": "ಹವಾಮಾನ ಚೆನ್ನಾಗಿತ್ತು, ಆದ್ದರಿಂದ ನಾವು ಮಾರುಕಟ್ಟೆಗೆ ಹೋಗಿ ಕುಟುಂಬಕ್ಕಾಗಿ ತಾಜಾ ಬ್ರೆಡ್ ಖರೀದಿಸಿದೆವು.",
+    "th": "อากาศดีมาก เราจึงเดินไปตลาดและซื้อขนมปังสดให้ครอบครัว",
+    "ko": "날씨가 좋아서 우리는 시장에 걸어가서 가족을 위해 신선한 빵을 샀습니다.",
+}
+
+
+def test_language_identification():
+    """Each of IFEval's 22 languages and English is recognised; a Latin-only quote inside Hindi is ignored."""
+    wrong = {lang: E.detect_language(text) for lang, text in LANGUAGE_SAMPLES.items()
+             if E.detect_language(text) != lang}
+    assert not wrong, f"misidentified: {wrong}"
+    mixed = LANGUAGE_SAMPLES["hi"] * 3 + " (see https://example.com/page, written by Bob)"
+    assert E.detect_language(mixed) == "hi", E.detect_language(mixed)
+    assert E.detect_language("42 + 7 = 49 !!!") is None
+
+
+def test_score_ifeval_format_and_missing_response():
+    """Official result rows and the four accuracies; a prompt without a response fails and is reported."""
+    inputs = E.read_jsonl(FIXTURES / "ifeval_mini.jsonl")
+    responses = {r["prompt"]: r["response"] for r in E.read_jsonl(FIXTURES / "ifeval_mini_responses.jsonl")}
+    strict, loose, report = E.score_ifeval(inputs, responses)
+    assert [r["follow_instruction_list"] for r in strict] == [[True, False], [True, True], [False], [False]], strict
+    assert [r["follow_instruction_list"] for r in loose] == [[True, True], [True, True], [True], [False]], loose
+    assert set(strict[0]) == {"instruction_id_list", "prompt", "response", "follow_all_instructions",
+                              "follow_instruction_list"}, sorted(strict[0])
+    assert report["missing_responses"] == 1 and report["missing_keys"] == [4], report
+    assert report["prompt_level_strict"] == 0.25 and report["prompt_level_loose"] == 0.75, report
+    assert report["instruction_level_strict"] == 3 / 6 and report["instruction_level_loose"] == 5 / 6, report
+
+
+def test_ifeval_bad_kwargs_name_the_instruction():
+    """A missing argument is an error that names the instruction id, not a silent random value."""
+    with pytest.raises(ValueError, match="keywords:frequency"):
+        E.check_instruction("keywords:frequency", {"keyword": "a"}, "a a a")
+    with pytest.raises(ValueError, match="unknown IFEval instruction"):
+        E.check_instruction("keywords:nope", {}, "a")
+
+
+@pytest.mark.skipif(not (SHARED / "ifeval_input_data.jsonl").is_file(), reason="../shared/data not present")
+def test_real_ifeval_inputs_build():
+    """Every instruction of the 541 real prompts runs with its kwargs (834 verdicts, none raising)."""
+    inputs = E.read_jsonl(SHARED / "ifeval_input_data.jsonl")
+    strict, _, report = E.score_ifeval(inputs[:200], {inp["prompt"]: inp["prompt"] for inp in inputs})
+    assert len(inputs) == 541, len(inputs)
+    assert report["missing_responses"] == 0 and len(strict) == 200, report["missing_responses"]
+
+
+# -----------------------------------------------------------------------------
+# CFBench metrics and TRACE scoring
+
+
+def test_cfbench_psr_three_cases():
+    """CSR / ISR / PSR on hand-made items: a primary failure, all-secondary, and mixed priorities."""
+    P, S = "primary", "secondary"
+    verdicts = [[1, 1], [0, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0], [1, 1, 1, 0]]
+    priorities = [[P, P], [P, S], [S] * 5, [S] * 4, [P, S, S], [P, S, S, S]]
+    # PSR_i: all primary met -> 1; a primary fails -> 0; all secondary: CSR 0.8 is not > 0.8 -> 0, CSR 1 -> 1;
+    # mixed: 0.5 + 0.5 * 1/2 = 0.75 -> 0, 0.5 + 0.5 * 2/3 = 0.833 -> 1
+    got = E.cfbench_scores(verdicts, priorities)
+    csr = (1 + 0.5 + 0.8 + 1 + 2 / 3 + 0.75) / 6
+    assert got["CSR"] == pytest.approx(100 * csr), got
+    assert got["ISR"] == pytest.approx(100 * 2 / 6), got
+    assert got["PSR"] == pytest.approx(100 * 3 / 6), got
+    with pytest.raises(ValueError, match="priorities"):
+        E.cfbench_scores([[1]], [["important"]])
+
+
+@pytest.fixture(scope="module")
+def toy_trace():
+    return trace_gen.generate_data(40, 40, seed=3, toy=True, progress=False)
+
+
+def test_trace_references_score_100_and_dpo_losers_below(toy_trace):
+    """trace_gen's references satisfy every check; DPO rejected answers score lower on every metric."""
+    items = toy_trace["eval"]
+    report = E.score_trace(items, [it["reference"] for it in items])
+    assert all(v == 100.0 for v in report["metrics"].values()), report["metrics"]
+    assert report["n_single"] + report["n_multi"] == len(items) and report["n_single"] > 0, report
+    dpo = [{"id": str(i), "messages": [{"role": "user", "content": r["prompt"]}], "checks": r["checks"]}
+           for i, r in enumerate(toy_trace["dpo"])]
+    chosen = E.score_trace(dpo, [r["chosen"] for r in toy_trace["dpo"]])["metrics"]
+    rejected = E.score_trace(dpo, [r["rejected"] for r in toy_trace["dpo"]])["metrics"]
+    assert chosen["IF"] == 100.0 and rejected["IF"] == 0.0, (chosen, rejected)
+    for key in ("CSR", "ISR", "PSR"):
+        assert rejected[key] < chosen[key], (key, chosen, rejected)
+
+
+def test_trace_breakdowns_and_missing(toy_trace):
+    """Missing answers fail and are counted; breakdowns by type, dimension and count add up."""
+    items = toy_trace["eval"]
+    responses = {it["id"]: it["reference"] for it in items[2:]}
+    rows = E.judge_trace(items, responses)
+    report = E.trace_report(rows)
+    assert report["missing_responses"] == 2 and report["missing_ids"] == ["0", "1"], report["missing_ids"]
+    assert rows[0]["missing"] and not any(rows[0]["verdicts"]), rows[0]
+    assert sum(v["n"] for v in report["by_type"].values()) == report["n_constraints"], report["by_type"]
+    assert sum(v["n"] for v in report["by_dimension"].values()) == report["n_constraints"]
+    assert sum(v["n"] for v in report["by_constraint_count"].values()) == len(items)
+    expected_if = 100 * (len(items) - 2) / len(items)
+    assert report["metrics"]["IF"] == pytest.approx(expected_if), report["metrics"]
+
+
+def test_trace_malformed_spec_names_item():
+    """A spec with an unknown family or without params is an error naming the item and the constraint."""
+    good = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}, "priority": "primary"}
+    bad = dict(good, family="no_such_family")
+    with pytest.raises(ValueError, match=r"item 7, constraint 2: unknown constraint family"):
+        E.judge_trace([{"id": "7", "checks": [good, bad]}], ["hello"])
+    with pytest.raises(ValueError, match=r"item 7, constraint 1: a spec needs"):
+        E.judge_trace([{"id": "7", "checks": [{"family": "no_commas"}]}], ["hello"])
+    with pytest.raises(ValueError, match="non-empty 'checks'"):
+        E.judge_trace([{"id": "7", "checks": []}], ["hello"])
+
+
+# -----------------------------------------------------------------------------
+# Generation and the command line
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_model, chatml_tokenizer_dir, tmp_path):
+    import model as M
+    path = tmp_path / "ckpt"
+    M.save_model(tiny_model, path, tokenizer_dir=chatml_tokenizer_dir)
+    return path
+
+
+def test_trace_cli_generates_then_rescores(tiny_checkpoint, toy_trace, tmp_path, capsys):
+    """--model generates (greedy, batched) and writes responses that --responses re-scores to the same report."""
+    data = tmp_path / "eval.jsonl"
+    E.write_jsonl(data, toy_trace["eval"][:6])
+    out1, out2 = tmp_path / "gen", tmp_path / "rescored"
+    E.main(["trace", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out1),
+            "--max-new-tokens", "6", "--batch-size", "4", "--label", "tiny"])
+    responses = E.read_jsonl(out1 / "responses.jsonl")
+    assert [r["id"] for r in responses] == [it["id"] for it in toy_trace["eval"][:6]], responses
+    E.main(["trace", "--data", str(data), "--responses", str(out1 / "responses.jsonl"), "--out", str(out2),
+            "--label", "tiny"])
+    r1, r2 = (json.loads((o / "report.json").read_text()) for o in (out1, out2))
+    assert r1["metrics"] == r2["metrics"] and r1["n_items"] == 6, (r1["metrics"], r2["metrics"])
+    assert len(E.read_jsonl(out2 / "results.jsonl")) == 6
+    assert "| IF-S | IF-M |" in capsys.readouterr().out
+
+
+def test_generate_responses_batching_is_order_free(tiny_model, chatml_tokenizer_dir):
+    """Answers come back in item order and do not depend on the batch size (left padding is masked)."""
+    import model as M
+    tok = M.load_tokenizer(chatml_tokenizer_dir)
+    items = [{"prompt": p} for p in ("The river flows.", "Write exactly three sentences and end with a question?",
+                                     "Numbers like 12 appear here too.")]
+    one = E.generate_responses(tiny_model, tok, items, max_new_tokens=5, batch_size=1, progress=False)
+    three = E.generate_responses(tiny_model, tok, items, max_new_tokens=5, batch_size=3, progress=False)
+    assert one == three, (one, three)
+    assert len(one) == 3 and all(isinstance(a, str) for a in one), one
+
+
+def test_ifeval_cli_and_compare(tmp_path, capsys):
+    """ifeval writes the official files; compare prints Table 3 with blanks for metrics a report lacks."""
+    out = tmp_path / "if"
+    E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"),
+            "--responses", str(FIXTURES / "ifeval_mini_responses.jsonl"), "--out", str(out), "--label", "run"])
+    rows = E.read_jsonl(out / "eval_results_loose.jsonl")
+    assert len(rows) == 4 and rows[0]["follow_all_instructions"] is True, rows[0]
+    assert "1 prompts had no response" in capsys.readouterr().out  # reported, not dropped
+    trace_report = {"label": "run", "metrics": {"IF-S": 50.0, "IF-M": 25.0, "CSR": 60.0, "ISR": 20.0, "PSR": 30.0}}
+    (tmp_path / "t.json").write_text(json.dumps(trace_report))
+    other = {"label": "base", "metrics": {"IF-S": 10.0}}
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    E.main(["compare", str(tmp_path / "t.json"), str(out), str(tmp_path / "o.json")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | IF-S | IF-M | S-Acc | L-Acc | CSR | ISR | PSR |", lines
+    assert lines[2] == "| run | 50.0 | 25.0 | 25.0 | 75.0 | 60.0 | 20.0 | 30.0 |", lines
+    assert lines[3] == "| base | 10.0 |  |  |  |  |  |  |", lines
+
+
+def test_cli_bad_inputs(tmp_path):
+    """A missing file, a bad JSON line and a response row without 'response' are clear errors."""
+    with pytest.raises(SystemExit, match="does not exist"):
+        E.main(["ifeval", "--input", str(tmp_path / "nope.jsonl"), "--responses", "x", "--out", str(tmp_path)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2 is not valid JSON"):
+        E.read_jsonl(bad)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a"}\n')
+    with pytest.raises(SystemExit, match="needs 'prompt' and a string 'response'"):
+        E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--responses", str(rows),
+                "--out", str(tmp_path / "o")])
