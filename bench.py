@@ -160,6 +160,7 @@ def bench_kernel(args):
 # Loading: checkpoints of three sizes written by model.save_model; each load runs in a fresh process that
 # reports its peak resident memory (VmHWM) above what it held before loading. The naive baseline builds the
 # model on the CPU (random init), reads the whole file with safetensors.torch.load_file and copies it in.
+# The time and the peak include one read of every weight, so pages that load_model leaves memory-mapped count.
 
 GEN_LOAD_SIZES = {  # name: (preset or explicit sizes, vocab)
     "toy": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -186,6 +187,8 @@ def generate_load_worker(path, how):
     else:
         m = M.Transformer(M.ModelConfig.from_hf(path))
         m.load_state_dict(load_file(f"{path}/model.safetensors"), strict=True)
+    with torch.no_grad():  # read every weight once, so memory-mapped pages are counted (in time and memory)
+        sum(float(p.sum()) for p in m.parameters())
     seconds = time.perf_counter() - start
     n_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     print(json.dumps({"time_s": seconds, "extra_peak_bytes": _peak_rss_bytes() - before, "param_bytes": n_bytes}))
@@ -210,6 +213,7 @@ def bench_generate(args):
     import torch
     import model as M
 
+    torch.set_num_threads(args.gen_threads)
     torch.manual_seed(0)
     config = M.toy_config(vocab_size=8192, preset="toy")
     net = M.Transformer(config).eval()
@@ -266,8 +270,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="--kernel: timed repetitions per measurement")
     parser.add_argument("--new-tokens", type=int, default=256, help="--generate: tokens generated per prompt")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="--generate: prompt length in tokens")
+    parser.add_argument("--gen-threads", type=int, default=1,
+                        help="--generate: torch threads for the speed table (1: stable on a shared machine)")
     parser.add_argument("--load-sizes", default="toy,small,medium",
-                        help="--generate: checkpoint sizes to load, from toy (~12 MB), small (~100 MB), medium (~750 MB)")
+                        help="--generate: checkpoint sizes to load, from toy (27 MB), small (214 MB), medium (766 MB)")
     args, rest = parser.parse_known_args()
     if not (args.kernel or args.generate or args.train):
         parser.error("choose at least one of --kernel, --generate, --train")

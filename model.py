@@ -386,7 +386,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            # _weight skips Embedding's own random init: init_weights sets it, and on the meta device (load_model)
+            # a normal_ call would import torch's compiler stack, seconds of start-up
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
+                                      _weight=torch.empty(config.vocab_size, config.hidden_size)),
             layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
@@ -409,6 +412,8 @@ class Transformer(nn.Module):
     def init_weights(self):
         """Normal(0, 0.02) everywhere, and 0.02 / sqrt(2 * layers) for the two projections that write into the
         residual stream, so its variance does not grow with depth (GPT-2 paper, sec. 2.3)."""
+        if self.lm_head.weight.is_meta:  # load_model builds on the meta device and assigns real tensors
+            return
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):

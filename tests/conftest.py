@@ -10,6 +10,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 
+# The tests use tiny tensors, where extra threads only add overhead; on a busy machine (CI runners, shared
+# boxes) several OpenMP threads per process can make each small op 10-100x slower. One thread keeps the
+# suite fast and its floating-point reductions in a fixed order.
+torch.set_num_threads(1)
+
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SENTENCES = [
