@@ -199,15 +199,15 @@ DESCRIPTIONS = {
 }
 INPUT_KIND_WEIGHTS = [(None, 0.48), ("table", 0.1), ("passage", 0.1), ("nl_process", 0.07), ("md_process", 0.06),
                       ("records", 0.07), ("numbers", 0.12)]
-OPENINGS = ["Here is a short answer about {t}.", "This note looks at {t}.", "Let me walk through {t} briefly.",
-            "The short version on {t} follows."]
+OPENINGS = ["Here is a short answer about {t}.", "This note looks at {t}, a really good subject.",
+            "Let me walk through {t} briefly.", "The short version on {t} is also simple."]
 # filler sentences: each mentions the topic; several carry habit words, commas, contractions or "!"
 # on purpose, so that an unconstrained answer naturally breaks Exclusion and formal-tone constraints
 FILLERS = ["{T} is a very useful subject to understand.", "It's easier than it looks, and it pays off.",
            "Many people find {t} really rewarding!", "A simple plan makes {t} much easier.",
            "It is also important to stay patient with {t}.", "Small daily habits make {t} work.",
            "You don't need expensive tools to begin with {t}.", "Good results with {t} come from steady practice.",
-           "Most beginners just need a clear first step.", "Learning about {t} can be a great adventure!",
+           "Most newcomers just need a clear first step.", "Learning about {t} can be a great adventure!",
            "Questions are normal, so keep notes on {t}.", "Progress with {t} comes in small steps.",
            "Sharing what you learn about {t} helps others too.", "The basics of {t} are easy to review."]
 TOY_FILLERS = ["It is very calm.", "It is really fun.", "It is just nice.", "It is very good.", "It is really simple."]
@@ -274,10 +274,11 @@ class Draft:
         self.mask = None           # privacy mask; None shows the records' contacts
         self.reverse_steps = False
         self.closing = True
+        self.merge = False         # join the body into one long sentence (spoils sentence minimums)
 
     def _ok(self, sentence):
         low = sentence.lower()
-        return not any((w in low) and count_word(sentence, w) for w in self.avoid)
+        return not any((w.lower() in low) and count_word(sentence, w) for w in self.avoid)
 
     def _body(self):
         ctx = self.ctx
@@ -303,10 +304,10 @@ class Draft:
         n = self.ctx["n_fill"]
         if not (self.min_words or self.min_sents or self.min_topic):
             return self._compose(body, fillers[:n], topic)
-        while True:
-            text = self._compose(body, fillers[:n], topic)
-            if n >= len(fillers) or (count_words(text) >= self.min_words and len(split_sentences(text)) >= self.min_sents
-                                     and count_word(text, topic) >= self.min_topic):
+        while True:    # add fillers (cycling through them) until the length minimums hold
+            text = self._compose(body, [fillers[i % len(fillers)] for i in range(n)] if fillers else [], topic)
+            if n >= 80 or (count_words(text) >= self.min_words and len(split_sentences(text)) >= self.min_sents
+                           and count_word(text, topic) >= self.min_topic):
                 return text
             n += 1
 
@@ -326,6 +327,8 @@ class Draft:
             for i in range(self.sections):
                 chunk = " ".join(rest[i * k:(i + 1) * k]) or "More detail follows in practice."
                 blocks.append(f"## {SECTION_NAMES[i]}\n{chunk}")
+        elif self.merge:
+            blocks.append("; ".join(s.rstrip(".!?") for s in sentences) + ".")
         else:
             blocks.append(" ".join(sentences))
         if self.items:
@@ -381,7 +384,8 @@ class Family:
     def spoil(self, d, p):
         pass
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
+        """New params (same family) that the old answer y1 is meant to fail; None when impossible."""
         return None
 
     def conflict(self, p, other):
@@ -440,8 +444,10 @@ class ExcludeWords(Family):
     def spoil(self, d, p):
         d.extra.append(HABIT_SENTENCE.format(w=p["words"][0]))
 
-    def revise(self, rng, p, ctx):
-        return {"words": [_other(rng, ctx.get("habit_words", HABIT_WORDS), p["words"][0])]}
+    def revise(self, rng, p, ctx, y1=""):
+        # a word the old answer uses, so that the old answer fails the revised constraint
+        used = [w for w in ctx.get("habit_words", HABIT_WORDS) if w not in p["words"] and count_word(y1, w)]
+        return {"words": [rng.choice(used)]} if used else None
 
     def conflict(self, p, other):
         blob = json.dumps(other["params"]).lower()
@@ -492,7 +498,7 @@ class IncludeKeywords(Family):
     def spoil(self, d, p):
         d.avoid.update(p["keywords"])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         new = list(p["keywords"])
         i = rng.randrange(len(new))
         new[i] = rng.choice([w for w in ctx.get("keywords", KEYWORDS) if w not in new])
@@ -517,7 +523,7 @@ class KeywordFrequency(Family):
     def spoil(self, d, p):
         d.avoid.add(p["keyword"])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"keyword": _other(rng, KEYWORDS, p["keyword"]), "k": p["k"]}
 
 
@@ -539,7 +545,7 @@ class IncludePhrase(Family):
     def spoil(self, d, p):
         d.avoid.add(p["phrase"])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"phrase": _other(rng, PHRASES, p["phrase"])}
 
 
@@ -559,7 +565,7 @@ class ValueLine(Family):
     def write(self, d, p):
         d.tail.append(f"{p['label']}: please check with a qualified person before acting.")
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"label": _other(rng, VALUE_LABELS, p["label"])}
 
 
@@ -580,7 +586,7 @@ class PrivacyMask(Family):
     def write(self, d, p):
         d.mask = p["mask"]
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"secrets": p["secrets"], "mask": _other(rng, MASKS, p["mask"])}
 
 
@@ -603,7 +609,7 @@ class WordRange(Family):
     def spoil(self, d, p):
         d.min_words = max(d.min_words, p["hi"] + 1)
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         lo = p["hi"] + rng.randrange(10, 40, 5)
         return {"lo": lo, "hi": lo + rng.randrange(60, 120, 10)}
 
@@ -642,6 +648,9 @@ class SentenceMin(Family):
     def write(self, d, p):
         d.min_sents = max(d.min_sents, p["n"])
 
+    def spoil(self, d, p):
+        d.merge = True
+
 
 class RoleIntro(Family):
     name, dimension, fields, slot = "role_intro", "Role-Playing", ("phrase",), "role"
@@ -663,7 +672,7 @@ class RoleIntro(Family):
     def write(self, d, p):
         d.lead.append((1, f"{p['phrase']}, I am glad to help."))
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         role = _other(rng, ROLES, self.fmt(p)["role"])
         return {"phrase": ("As an " if role[0] in "aeiou" else "As a ") + role}
 
@@ -684,7 +693,10 @@ class Audience(Family):
     def write(self, d, p):
         d.lead.append((2, f"Dear {p['audience']}."))
 
-    def revise(self, rng, p, ctx):
+    def spoil(self, d, p):
+        d.extra.append("This sentence keeps going " + "and going " * (p["max_len"] // 2) + "without a pause.")
+
+    def revise(self, rng, p, ctx, y1=""):
         return {"audience": _other(rng, AUDIENCES, p["audience"]), "max_len": p["max_len"]}
 
 
@@ -712,7 +724,7 @@ class PriorCondition(Family):
     def spoil(self, d, p):
         d.tail.append(f"Relevance: {p['other']}.")
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         cats = [c for c in CATEGORIES if (c == ctx["category"]) != (p["expected"] == "related")]
         return self._params(rng.choice(cats), ctx)
 
@@ -747,7 +759,7 @@ class ProcessOrder(Family):
     def spoil(self, d, p):
         d.reverse_steps = p["order"] == "given"
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"steps": p["steps"], "order": "reverse" if p["order"] == "given" else "given"}
 
 
@@ -768,7 +780,7 @@ class Lookup(Family):
     def write(self, d, p):
         d.extra.append(f"According to the input, {p['question']} is {p['value']}.")
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         options = [f for f in ctx["facts"] if f[1] != p["value"]]
         question, value = rng.choice(options)
         return {"question": question, "value": value}
@@ -812,7 +824,7 @@ class ToneRegister(Family):
             d.extra = [s.replace("!", ".") for s in d.extra]
             d.formal = True
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"style": _other(rng, ["formal", "casual", "enthusiastic"], p["style"])}
 
 
@@ -821,6 +833,7 @@ class Lexicon(Family):
 
     def __init__(self, name, dimension, slot, lexicons, phrasings, sentence):
         self.name, self.dimension, self.slot, self.lexicons, self.phrasings = name, dimension, slot, lexicons, phrasings
+        self.revisable = len(lexicons) > 1
         self.sentence = sentence
 
     def fmt(self, p):
@@ -840,7 +853,7 @@ class Lexicon(Family):
     def spoil(self, d, p):
         d.avoid.update(p["words"])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         options = [v for v in self.lexicons.values() if v != p["words"]]
         return {"words": rng.choice(options), "k": p["k"]} if options else None
 
@@ -885,7 +898,7 @@ class Simile(Family):
     def write(self, d, p):
         d.extra.append(self.FORMS[p["form"]][1])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"form": "as" if p["form"] == "like" else "like"}
 
 
@@ -908,7 +921,7 @@ class ForeignSentence(Family):
     def write(self, d, p):
         d.extra.append(p["options"][0])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         lang = _other(rng, sorted(FOREIGN), p["language"])
         return {"language": lang, "options": FOREIGN[lang]}
 
@@ -942,7 +955,7 @@ class JsonWrap(Family):
     def spoil(self, d, p):
         d.wrap = None
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"key": _other(rng, JSON_KEYS, p["key"])}
 
 
@@ -1017,7 +1030,7 @@ class StartWord(Family):
     def spoil(self, d, p):
         d.first = _other(random.Random(p["word"]), START_WORDS, p["word"])
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"word": _other(rng, ctx.get("start_words", START_WORDS), p["word"])}
 
 
@@ -1036,7 +1049,7 @@ class EndPhrase(Family):
     def write(self, d, p):
         d.end = p["phrase"]
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"phrase": _other(rng, ctx.get("end_phrases", END_PHRASES), p["phrase"])}
 
 
@@ -1061,7 +1074,7 @@ class LetterCase(Family):
     def spoil(self, d, p):
         d.case = "upper" if p["case"] == "lower" else "lower"
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"case": "upper" if p["case"] == "lower" else "lower"}
 
 
@@ -1098,7 +1111,7 @@ class Citations(Family):
         d.extra += [f"This point is well documented [{i + 1}]." for i in range(p["k"])]
         d.tail += [f"{p['label']}:"] + [f"[{i + 1}] Field notes, volume {i + 1}." for i in range(p["k"])]
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"k": p["k"], "label": _other(rng, ["References", "Sources", "Works cited"], p["label"])}
 
 
@@ -1123,7 +1136,7 @@ class ListCount(Family):
     def spoil(self, d, p):
         self.write(d, {"n": p["n"] + 1})
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"n": _other(rng, [2, 3] if ctx["toy"] else [2, 3, 4, 5], p["n"])}
 
 
@@ -1145,7 +1158,7 @@ class Sections(Family):
     def spoil(self, d, p):
         d.sections = p["n"] + 1
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"n": _other(rng, [2, 3, 4, 5], p["n"])}
 
 
@@ -1173,7 +1186,7 @@ class LabelledLines(Family):
     def spoil(self, d, p):
         d.tail += [f"{x}: {self.fill}" for x in p["labels"][:-1]]
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         if self.pools:
             return {"labels": list(_other(rng, self.pools, tuple(p["labels"])))}
         new = list(p["labels"])
@@ -1195,7 +1208,7 @@ class Postscript(Family):
     def write(self, d, p):
         d.ps = f"{p['marker']} Keep going."
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"marker": _other(rng, PS_MARKERS, p["marker"])}
 
 
@@ -1217,7 +1230,7 @@ class NegativeExample(Family):
     def spoil(self, d, p):
         d.extra.append(f"{p['phrase']}, this is the key.")
 
-    def revise(self, rng, p, ctx):
+    def revise(self, rng, p, ctx, y1=""):
         return {"phrase": _other(rng, CLOSING_PHRASES, p["phrase"])}
 
 
@@ -1457,15 +1470,15 @@ def make_rejected(rng, ctx, specs):
     return y if not all(verified(specs, y)) else None
 
 
-def make_quadruple(rng, ctx, specs, y1, sampler):
+def make_quadruple(rng, ctx, specs, y1, sampler, ops=("ADD", "DELETE", "REVISE")):
     """x2 from x1 by ADD, DELETE or REVISE (uniform), y2 compliant to x2; all four pairings verified."""
     for _ in range(12):
-        op = rng.choice(["ADD", "DELETE", "REVISE"])
+        op = rng.choice(ops)
         i = rng.randrange(len(specs))
         old = specs[i]
         if op == "REVISE":
             fam = FAMILIES[old["family"]]
-            params = fam.revise(rng, old["params"], ctx) if fam.revisable else None
+            params = fam.revise(rng, old["params"], ctx, y1) if fam.revisable else None
             if params is None:
                 continue
             new = dict(old, params=params)
@@ -1480,7 +1493,9 @@ def make_quadruple(rng, ctx, specs, y1, sampler):
             rest = specs[:i] + specs[i + 1:]
             specs2, at = rest[:j] + [new] + rest[j:], j
         specs2 = renumber([dict(s) for s in specs2])
-        y2 = write_response(ctx, specs2, spoil=[old])
+        y2 = write_response(ctx, specs2)
+        if all(verified(specs, y2)):    # y2 still satisfies x1: violate the edited-away constraint on purpose
+            y2 = write_response(ctx, specs2, spoil=[old])
         if all(verified(specs2, y2)) and not all(verified(specs2, y1)) and not all(verified(specs, y2)):
             if op == "REVISE":
                 return specs2, y2, {"op": "REVISE", "index": i, "before": old, "after": specs2[i], "companion": None}
@@ -1509,7 +1524,9 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
     for f in families:
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r} in families=; known: {', '.join(sorted(FAMILIES))}")
-    max_c = max_constraints or (3 if toy else None)
+    max_c = max_constraints or (3 if toy else 15)
+    # an instruction cannot hold more constraints than there are distinct slots among the chosen families
+    max_c = min(max_c, len({FAMILIES[f].slot for f in families}))
     sampler = Sampler(families, toy)
     # toy: C uniform over 1..max_c, so that single-constraint items are not rare
     train_table = [1] * max_c if toy else TRAIN_C_COUNTS
@@ -1521,7 +1538,10 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
     bar = tqdm(total=n_train + n_eval, disable=not progress, desc="trace_gen", unit="item")
     for split, cs in (("train", train_cs), ("eval", eval_cs)):
         for C in cs:
-            while True:
+            for attempt in range(2001):
+                if attempt == 2000:
+                    raise RuntimeError(f"no valid {split} item with C={C} from families {families} in 2000 attempts; "
+                                       f"rejections so far: {dict(sampler.rejected)} {dict(failures)}")
                 ctx = make_task(rng, toy)
                 specs = sampler.instruction(rng, ctx, C)
                 if specs is None:

@@ -1,0 +1,254 @@
+"""Tests for trace_gen.py: checkers, writers, edits, distributions, quality control, determinism, statistics."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import trace_gen as tg
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURE = HERE / "fixtures" / "trace_eval_3items.jsonl"
+
+
+def task_for(fam, rng, toy=False):
+    """A task whose input kind suits the family (tables for table lookups, records for privacy, ...)."""
+    while True:
+        ctx = tg.make_task(rng, toy)
+        if fam.needs in (None, ctx["input_kind"]):
+            return ctx
+
+
+def spec_for(fam, rng, ctx):
+    return tg.make_spec(fam, fam.sample(rng, ctx), 0, 1)
+
+
+def test_taxonomy_has_26_dimensions_each_with_a_family():
+    """5 types, 26 dimensions as SPEC spells them; every dimension has a family, common ones several."""
+    dims = [d for ds in tg.TAXONOMY.values() for d in ds]
+    assert list(tg.TAXONOMY) == ["Content", "Situation", "Style", "Format", "Example"]
+    assert len(dims) == 26 and len(set(dims)) == 26, f"{len(dims)} dimensions"
+    per_dim = {d: [f for f in tg.FAMILIES.values() if f.dimension == d] for d in dims}
+    missing = [d for d, fs in per_dim.items() if not fs]
+    assert not missing, f"dimensions without a family: {missing}"
+    for d in ["Inclusion", "Numerical", "Output Format", "Tone and Style"]:
+        assert len(per_dim[d]) >= 2, f"{d} has {len(per_dim[d])} families"
+    for fam in tg.FAMILIES.values():
+        assert len(fam.phrasings) >= 2, f"{fam.name} has {len(fam.phrasings)} phrasings"
+
+
+@pytest.mark.parametrize("name", sorted(tg.FAMILIES))
+def test_family_accepts_compliant_and_rejects_violation(name):
+    """The checker accepts the family's compliant response and rejects a spoiled one, over several samples."""
+    fam = tg.FAMILIES[name]
+    rng = random.Random(sum(map(ord, name)))
+    for trial in range(6):
+        ctx = task_for(fam, rng, toy=name in tg.TOY_FAMILIES and trial % 2 == 1)
+        spec = spec_for(fam, rng, ctx)
+        good = tg.write_response(ctx, [spec])
+        bad = tg.write_response(ctx, [], spoil=[spec])
+        assert tg.check(spec, good), f"{name} rejects its own response for {spec['params']}:\n{good}"
+        assert not tg.check(spec, bad), f"{name} accepts a spoiled response for {spec['params']}:\n{bad}"
+        assert not tg.check(spec, "   "), f"{name} accepts an empty response"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in tg.FAMILIES.items() if f.revisable))
+def test_revise_gives_valid_quadruple_for_family(name):
+    """REVISE of this family's constraint gives x2 whose answer fails x1 and whose old answer fails x2."""
+    fam = tg.FAMILIES[name]
+    rng = random.Random(7)
+    sampler = tg.Sampler([name], toy=False)
+    made = 0
+    for _ in range(5):
+        ctx = task_for(fam, rng)
+        spec = spec_for(fam, rng, ctx)
+        y1 = tg.write_response(ctx, [spec])
+        quad = tg.make_quadruple(rng, ctx, [spec], y1, sampler, ops=("REVISE",))
+        if quad is None:
+            continue
+        specs2, y2, edit = quad
+        new = specs2[0]
+        verdicts = (tg.check(spec, y1), tg.check(new, y1), tg.check(new, y2), tg.check(spec, y2))
+        assert verdicts == (True, False, True, False), f"{name}: {spec['params']} -> {new['params']}: {verdicts}"
+        assert new["family"] == name and new["params"] != spec["params"]
+        made += 1
+    assert made >= 3, f"{name}: only {made} of 5 REVISE edits verified"
+
+
+@pytest.mark.parametrize("op", ["ADD", "DELETE", "REVISE"])
+def test_edit_operator_yields_valid_quadruple(op):
+    """Each edit operator gives quadruples whose matched pairs pass and crossed pairs fail, with a full edit record."""
+    rng = random.Random(11)
+    sampler = tg.Sampler(list(tg.FAMILIES), toy=False)
+    made = 0
+    for _ in range(40):
+        ctx = tg.make_task(rng, False)
+        specs = sampler.instruction(rng, ctx, rng.randint(1, 6))
+        if specs is None:
+            continue
+        y1 = tg.write_response(ctx, specs)
+        if not all(tg.verified(specs, y1)):
+            continue
+        quad = tg.make_quadruple(rng, ctx, specs, y1, sampler, ops=(op,))
+        if quad is None:
+            continue
+        specs2, y2, edit = quad
+        assert all(tg.verified(specs, y1)) and all(tg.verified(specs2, y2)), "a matched pair fails"
+        assert not all(tg.verified(specs2, y1)), f"{op}: y1 satisfies x2"
+        assert not all(tg.verified(specs, y2)), f"{op}: y2 satisfies x1"
+        assert edit["op"] == op and set(edit) >= {"op", "index", "before", "after", "companion"}, f"edit {edit}"
+        if op == "REVISE":
+            assert edit["before"]["family"] == edit["after"]["family"] and len(specs2) == len(specs)
+            assert edit["before"]["params"] != edit["after"]["params"], "REVISE kept the params"
+        else:
+            assert edit["companion"]["op"] == ({"ADD", "DELETE"} - {op}).pop(), f"companion {edit['companion']}"
+        made += 1
+    assert made >= 15, f"only {made} of 40 {op} edits verified"
+
+
+def test_c_distributions():
+    """Train and eval C counts follow Tables 1-2 exactly at paper size and in proportion when scaled."""
+    assert tg.c_counts(tg.TRAIN_C_COUNTS, 119345) == tg.TRAIN_C_COUNTS
+    assert tg.c_counts(tg.EVAL_C_COUNTS, 1042) == tg.EVAL_C_COUNTS
+    half = tg.c_counts(tg.EVAL_C_COUNTS, 521)
+    assert sum(half) == 521 and half[:9] == [100] + [50] * 8, f"scaled eval counts {half}"
+    assert tg.c_counts(tg.TRAIN_C_COUNTS, 100, max_c=3) == [3, 22, 75], tg.c_counts(tg.TRAIN_C_COUNTS, 100, max_c=3)
+    data = tg.generate_data(120, 104, seed=5, progress=False)
+    want = tg.c_counts(tg.TRAIN_C_COUNTS, 120)
+    got = data["stats"]["train"]["hist"]
+    assert {int(c): k for c, k in got.items()} == {c + 1: k for c, k in enumerate(want) if k}, f"train {got} vs {want}"
+    ev = [r["constraints_num"] for r in data["eval"]]
+    assert ev.count(1) == 20 and ev.count(2) == 10 and ev.count(9) == 10, f"eval C counts {sorted(set(ev))}"
+
+
+def test_quality_control_rejects_conflicts():
+    """Contradictory, redundant and incomplete combinations are rejected with a reason."""
+    rng = random.Random(0)
+    ctx = tg.make_task(rng, False)
+    while ctx["input_kind"] is not None:
+        ctx = tg.make_task(rng, False)
+    spec = lambda fam, **p: tg.make_spec(tg.FAMILIES[fam], p, 0, 1)
+    cases = [
+        (spec("letter_case", case="lower"), spec("letter_case", case="upper"), "contradiction"),
+        (spec("word_range", lo=20, hi=80), spec("word_max", n=200), "redundant"),
+        (spec("word_range", lo=20, hi=80), spec("word_range", lo=100, hi=200), "contradiction"),
+        (spec("start_word", word="Sure"), spec("start_word", word="Well"), "contradiction"),
+        (spec("include_keywords", keywords=["river"]), spec("include_keywords", keywords=["river"]), "redundant"),
+        (spec("include_keywords", keywords=["very"]), spec("exclude_words", words=["very"]), "contradiction"),
+        (spec("json_wrap", key="answer"), spec("bullet_list", n=3), "contradiction"),
+        (spec("end_phrase", phrase="Thanks for reading."), spec("postscript", marker="P.S."), "redundant"),
+    ]
+    for a, b, kind in cases:
+        reason = tg.qc_reason(ctx, [a], b)
+        assert reason and reason.startswith(kind), f"{a['family']} + {b['family']}: {reason!r}, wanted {kind}"
+    table = spec("table_lookup", question="the price of A", value="12")
+    assert tg.qc_reason(ctx, [], table).startswith("incomplete"), "table constraint accepted without a table"
+    stats = tg.generate_data(60, 10, seed=1, progress=False)["stats"]
+    assert stats["qc_rejected_total"] > 0 and all(":" in r for r in stats["qc_rejected"]), stats["qc_rejected"]
+
+
+def test_generated_records_verify_and_render_like_trace():
+    """Every emitted pair verifies, DPO losers fail, IOPO crosses fail, and eval items render like the real set."""
+    data = tg.generate_data(40, 30, seed=2, progress=False)
+    assert len(data["sft"]) == len(data["dpo"]) == len(data["iopo"]) == 40 and len(data["eval"]) == 30
+    for r in data["sft"]:
+        assert all(tg.verified(r["checks"], r["response"])), r["prompt"]
+    for r in data["dpo"]:
+        assert not all(tg.verified(r["checks"], r["rejected"])), "DPO rejected satisfies every constraint"
+    for q in data["iopo"]:
+        ok = (all(tg.verified(q["checks_x1"], q["y1"])), all(tg.verified(q["checks_x2"], q["y2"])),
+              all(tg.verified(q["checks_x2"], q["y1"])), all(tg.verified(q["checks_x1"], q["y2"])))
+        assert ok == (True, True, False, False), f"quadruple verdicts {ok} for edit {q['edit']['op']}"
+    for item in data["eval"]:
+        assert all(tg.check_item(item, item["reference"])), item["id"]
+        expect = item["description"] + "\n" + item["constraints"] + "\n"
+        expect += "" if item["input"] == "NULL" else "# Inputs:\n" + item["input"] + "\n"
+        assert item["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
+                                    {"role": "user", "content": expect}]
+        assert item["constraints_num"] == len(item["constraints_splits"]) == len(item["levels2"]) == len(item["checks"])
+        assert all(s.startswith(f"{i + 1}. ") for i, s in enumerate(item["constraints_splits"]))
+        assert json.loads(json.dumps(item["checks"])) == item["checks"], "checks not JSON-serialisable"
+
+
+def test_real_fixture_matches_our_rendering_and_labels():
+    """The committed real items render by our formula and their Chinese labels all map to our dimensions."""
+    items = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
+    assert len(items) == 3
+    for item in items:
+        expect = item["description"] + "\n" + item["constraints"] + "\n"
+        expect += "" if item["input"] == "NULL" else "# Inputs:\n" + item["input"] + "\n"
+        assert item["messages"][1]["content"] == expect, item["id"]
+    s = tg.file_stats(FIXTURE)
+    assert s["n"] == 3 and s["unmapped_labels"] == {}, s
+    assert s["hist"] == {"1": 1, "3": 1, "11": 1} and s["mean_constraints"] == pytest.approx(5.0), s["hist"]
+
+
+def test_check_errors_name_the_problem():
+    """Unknown families and malformed params raise ValueError naming the family and field."""
+    with pytest.raises(ValueError, match="no_such_family"):
+        tg.check({"family": "no_such_family", "params": {}}, "text")
+    with pytest.raises(ValueError, match="keywords"):
+        tg.check({"family": "include_keywords", "params": {}}, "text")
+    with pytest.raises(ValueError, match="word_max"):
+        tg.check({"family": "word_max", "params": {"n": "many"}}, "text")
+
+
+def test_checkers_on_hand_written_answers():
+    """A few exact verdicts written by hand, including IFEval-like edge cases."""
+    c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
+    assert c("start_word", '"Sure, here it is."', word="Sure") and not c("start_word", "Surely not.", word="Sure")
+    assert c("end_phrase", '"...Thanks for reading."', phrase="Thanks for reading.")
+    assert c("bullet_list", "- a\n- b\n* c", n=3) and not c("bullet_list", "**bold**\n- a", n=2)
+    assert c("json_wrap", '```json\n{"Answer": "x"}\n```', key="answer") and not c("json_wrap", '{"a": 1}', key="a")
+    assert not c("tone_register", "I don't know.", style="formal") and c("tone_register", "I do not know.", style="formal")
+    assert c("exclude_words", "Everything is fine.", words=["very"]), "'very' matched inside 'Everything'"
+    assert c("nl_process_order", "b then a", steps=["a", "b"], order="reverse")
+    assert c("privacy_mask", "x *** y ***", secrets=["a@b.c", "555"], mask="***")
+    assert not c("privacy_mask", "a@b.c *** ***", secrets=["a@b.c", "555"], mask="***")
+
+
+def test_determinism_same_seed_same_output():
+    """The same seed gives byte-identical data; another seed does not."""
+    a = tg.generate_data(30, 12, seed=9, progress=False)
+    b = tg.generate_data(30, 12, seed=9, progress=False)
+    c = tg.generate_data(30, 12, seed=10, progress=False)
+    dump = lambda d: json.dumps({k: d[k] for k in ("sft", "dpo", "iopo", "eval")})
+    assert dump(a) == dump(b), "same seed, different data"
+    assert dump(a) != dump(c), "different seeds, same data"
+
+
+def test_toy_preset_is_short_and_surface_level():
+    """Toy data: preset families only, C in 1..3, short responses, and REVISE edits among the ops."""
+    data = tg.generate_data(150, 30, seed=3, toy=True, progress=False)
+    fams = {s["family"] for r in data["sft"] for s in r["checks"]}
+    assert fams <= set(tg.TOY_FAMILIES) and len(fams) >= 6, fams
+    cs = [len(r["checks"]) for r in data["sft"]]
+    assert set(cs) == {1, 2, 3}, set(cs)
+    words = [tg.count_words(r["response"]) for r in data["sft"]]
+    assert max(words) <= 45 and sum(words) / len(words) <= 30, f"toy response words max {max(words)}"
+    assert data["stats"]["iopo_ops"].get("REVISE", 0) > 20, data["stats"]["iopo_ops"]
+    sub = tg.generate_data(20, 5, seed=3, families=["letter_case", "start_word"], toy=True, progress=False)
+    assert {s["family"] for r in sub["sft"] for s in r["checks"]} <= {"letter_case", "start_word"}
+
+
+def test_write_outputs_and_stats_cli(tmp_path, capsys):
+    """write_outputs writes the five files; --stats --json on our eval file reports the documented keys."""
+    data = tg.generate_data(10, 12, seed=4, progress=False)
+    tg.write_outputs(data, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "eval.jsonl", "iopo.jsonl", "sft.jsonl", "stats.json"]
+    tg.main(["--stats", str(tmp_path / "eval.jsonl"), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert {"n", "mean_constraints", "hist", "type_shares", "dimension_counts"} <= set(s) and s["n"] == 12, s
+    assert abs(sum(s["type_shares"].values()) - 1) < 1e-3, s["type_shares"]
+
+
+@pytest.mark.skipif(not (SHARED / "trace_eval_sample.jsonl").exists(), reason="shared/data not present")
+def test_real_sample_file_parses_with_stats(capsys):
+    """The released 9-item sample parses with --stats: every Chinese label maps, counts as in the file."""
+    tg.main(["--stats", str(SHARED / "trace_eval_sample.jsonl"), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["n"] == 9 and s["unmapped_labels"] == {}, s
+    assert s["hist"] == {"1": 3, "3": 2, "11": 3, "14": 1}, s["hist"]
+    assert s["dimension_counts"]["Numerical"] == 17, s["dimension_counts"]
