@@ -80,15 +80,17 @@ def token_logprobs_naive(hidden, weight, labels, ignore_index=-100):
     return picked.masked_fill(~scored, 0.0)
 
 
-_CPU_CHUNK_BYTES = 64 * 2**20  # size of one chunk's float32 logits on the CPU (tuned with bench.py --kernel)
-_CUDA_CHUNK_BYTES = 1024 * 2**20  # on a GPU larger chunks keep the matmuls efficient
+# Tokens per chunk. Every chunk streams the whole (V, D) weight through each matmul, so chunks must be tall
+# enough for the matmuls to stay compute-bound; their (rows, V) float32 logits must stay small next to the
+# naive version's (tokens, V) tensors. Tuned with `python bench.py --kernel` (CPU) and `--device cuda`.
+_CHUNK_ROWS = {"cpu": 512, "cuda": 2048}
+_CHUNK_BYTES = {"cpu": 512 * 2**20, "cuda": 1024 * 2**20}  # cap for very large vocabularies
 
 
-def _chunk_rows(n_rows, vocab_size, device):
-    """Rows per chunk so that one chunk of float32 logits takes about _*_CHUNK_BYTES."""
-    budget = _CUDA_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
-    rows = max(16, budget // (4 * vocab_size))
-    return int(min(rows, max(n_rows, 1)))
+def _chunk_rows(vocab_size, device):
+    """Default rows per chunk on this device: _CHUNK_ROWS, fewer if the chunk's logits would pass _CHUNK_BYTES."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return max(16, min(_CHUNK_ROWS[kind], _CHUNK_BYTES[kind] // (4 * vocab_size)))
 
 
 def _chunk_lse_target(hidden, weight, labels):
@@ -238,8 +240,9 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
     the tied input embedding (it then receives this gradient plus the embedding's). labels (...): int64
     target ids, already shifted, `ignore_index` where nothing is scored. impl: "naive" (the reference
     above), "torch" (chunked PyTorch), "triton" (CUDA, or the CPU with TRITON_INTERPRET=1) or "auto"
-    (triton on CUDA when importable, else torch). chunk_size: tokens per chunk (default: about 64 MB of
-    float32 logits on CPU, 1 GB on GPU). The log-sum-exp is accumulated in float32 for every input dtype.
+    (triton on CUDA when importable, else torch). chunk_size: tokens per chunk (default: 512 on the CPU,
+    2048 on a GPU, fewer where a chunk's float32 logits would pass 512 MB / 1 GB). The log-sum-exp is
+    accumulated in float32 for every input dtype.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} + (D,)")
@@ -269,7 +272,7 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
         raise ValueError(f"token_logprobs: labels must lie in [0, {weight.shape[0]}) or equal "
                          f"ignore_index={ignore_index}; found {int(y.min())}..{int(y.max())}")
     h = flat_hidden if len(scored) == len(flat_labels) else flat_hidden[scored]  # (n, D)
-    rows = chunk_size or _chunk_rows(len(y), weight.shape[0], hidden.device)
+    rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
 
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
