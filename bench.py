@@ -93,15 +93,20 @@ def bench_kernel_cpu(args):
                   f"{naive_mb:>8.0f} {fused_mb:>8.0f} {fused_mb / max(naive_mb, 1e-9):>5.3f}", flush=True)
 
 
-def bench_kernel_cuda(args):
-    """bfloat16 on one GPU: naive, torch.compile(naive), chunked PyTorch, Triton; tokens/s and extra peak GB."""
+def bench_kernel_cuda(args, device="cuda"):
+    """bfloat16 on one GPU: naive, torch.compile(naive), chunked PyTorch, Triton; tokens/s and extra peak GB.
+
+    device="cpu" (with TRITON_INTERPRET=1 and tiny --tokens/--dim/--vocab) only checks that the code runs.
+    """
     import time
     import torch
     import iopo
 
-    if not torch.cuda.is_available():
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
         raise SystemExit("bench --kernel --device cuda: no CUDA device is visible")
-    device = torch.device("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     n_tokens, dim, vocab = (args.tokens or KERNEL_GPU_SHAPE[0], args.dim or KERNEL_GPU_SHAPE[1],
                             args.vocab or KERNEL_GPU_SHAPE[2])
     torch.manual_seed(0)
@@ -115,7 +120,7 @@ def bench_kernel_cuda(args):
         "torch chunked": lambda h, w: iopo.token_logprobs(h, w, labels, impl="torch", chunk_size=args.chunk_size),
         "triton": lambda h, w: iopo.token_logprobs(h, w, labels, impl="triton", chunk_size=args.chunk_size),
     }
-    print(f"kernel, {torch.cuda.get_device_name()}, bfloat16, N={n_tokens} D={dim} V={vocab}, forward + backward, "
+    print(f"kernel, {torch.cuda.get_device_name() if on_gpu else 'CPU (logic check)'}, bfloat16, N={n_tokens} D={dim} V={vocab}, forward + backward, "
           f"mean of {args.repeats} after 2 warm-ups; extra GB = peak allocated minus inputs and the weight gradient")
     print(f"{'method':>15} {'head':>9} | {'tokens/s':>10} {'ms':>8} {'extra GB':>9}")
     for trainable in (True, False):
@@ -127,23 +132,26 @@ def bench_kernel_cuda(args):
                     hidden.grad = w.grad = None
                     fn(hidden, w).sum().backward()
                 hidden.grad = w.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                sync()
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if on_gpu else 0
                 start = time.perf_counter()
                 for _ in range(args.repeats):
                     hidden.grad = w.grad = None
                     fn(hidden, w).sum().backward()
-                torch.cuda.synchronize()
+                sync()
                 seconds = (time.perf_counter() - start) / args.repeats
-                extra_gb = (torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**30
+                peak = torch.cuda.max_memory_allocated() if on_gpu else float("nan")
+                extra_gb = (peak - base - grad_bytes) / 2**30
                 print(f"{name:>15} {'trainable' if trainable else 'frozen':>9} | {n_tokens / seconds:>10.0f} "
                       f"{1000 * seconds:>8.1f} {extra_gb:>9.2f}", flush=True)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name:>15} {'trainable' if trainable else 'frozen':>9} | out of memory", flush=True)
             hidden.grad = w.grad = None
-            torch.cuda.empty_cache()
+            if on_gpu:
+                torch.cuda.empty_cache()
 
 
 def bench_kernel(args):
