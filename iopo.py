@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
-                  example_texts, holdout_split, train_tokenizer)
+                  collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
 from model import Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic, write_json_atomic
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
@@ -522,6 +522,9 @@ class TrainConfig:
     dtype: str = "float32"  # float32, or bfloat16: autocast on a GPU (LoRA also keeps the frozen base in bfloat16)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
+    compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
+    pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
+    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -549,18 +552,25 @@ def lr_at(step, total, peak, warmup_ratio):
 class Scorer(nn.Module):
     """The network plus the log-prob kernel: forward returns log p(label) per position, (R, T-1).
 
-    Wrapping both in one module lets DistributedDataParallel see the head's gradient as part of forward."""
+    Wrapping both in one module lets DistributedDataParallel see the head's gradient as part of forward.
+    Packed rows (data.collate_packed: segment_ids, position_ids, labels_b) return (2, R, T-1): the log-probs
+    under `labels` (y_a) and under `labels_b` (y_b), both read from the same hidden states."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.model(input_ids, attention_mask=attention_mask)  # (R, T, D)
+    def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None):
+        if segment_ids is not None:  # packed rows [x, y_a, y_b]: y_b must not see y_a
+            attention_mask = packed_attention_mask(segment_ids)  # (R, 1, T, T)
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (R, T, D)
         weight = self.model.lm_head.weight
         if weight.dtype != hidden.dtype:  # autocast: a bfloat16 view of the float32 head, gradient flows back
             weight = weight.to(hidden.dtype)
-        return token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
+        logps = token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
+        if labels_b is None:
+            return logps
+        return torch.stack([logps, token_logprobs(hidden[:, :-1], weight, labels_b[:, 1:])])  # (2, R, T-1)
 
 
 SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
@@ -574,15 +584,25 @@ def reference_rows(cfg, batch):
     return batch
 
 
-def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None):
-    """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None."""
+def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=None):
+    """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None.
+    Packed rows (labels_b given): token_logps (2, R, T-1), the y_a and y_b log-probs of each row."""
     scored = labels[:, 1:] != IGNORE_INDEX  # (R, T-1)
     if cfg.method == "sft":
         nll = -(token_logps * scored).sum()
         denom = n_tokens_total if n_tokens_total is not None else scored.sum().clamp(min=1)
         return nll / denom, {}
-    logps = token_logps.sum(-1)  # (R,) L(y|x)
+    logps = token_logps.sum(-1)  # (R,) L(y|x); packed: (2, R)
     n = scored.sum(-1)
+    if labels_b is not None:  # back to the unpacked row order: DPO (w, l); IOPO data.IOPO_ORDER
+        n = torch.stack([n, (labels_b[:, 1:] != IGNORE_INDEX).sum(-1)])  # (2, R)
+        if cfg.method == "dpo":  # rows [x, y_w, y_l]
+            logps, n = logps.flatten(), n.flatten()
+        else:  # rows [x1, y1, y2] (first half), then [x2, y2, y1]
+            logps, n = (torch.cat([t[0, :len(t[0]) // 2], t[1, :len(t[0]) // 2], t[0, len(t[0]) // 2:],
+                                   t[1, len(t[0]) // 2:]]) for t in (logps, n))
+            if cfg.variant == "three_seq":  # (x2, y2) was computed with its row but is not used
+                logps, n = (torch.cat([c for i, c in enumerate(t.chunk(4)) if i != 2]) for t in (logps, n))
     if cfg.method == "dpo":
         logp_w, logp_l = logps.chunk(2)
         loss, metrics = dpo_loss(logp_w, logp_l, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
@@ -782,6 +802,12 @@ def train(cfg):
     cfg.lr = cfg.lr or (1e-4 if cfg.method == "sft" else 5e-6)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     (rank, world), device = setup_distributed(device)
+    if cfg.pack and cfg.method == "sft":
+        raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
+    if cfg.fsdp and (world == 1 or cfg.save_every or resume_dir is not None):
+        raise ValueError("--fsdp shards the model over torchrun's processes (run it under torchrun with 2 or more); "
+                         "it saves only the final model (gathered on rank 0), so --save-every and --resume are "
+                         "not supported with it")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -813,6 +839,9 @@ def train(cfg):
     model = load_model(source, dtype=load_dtype, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
+    if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all
+        for layer in model.model.layers:
+            layer.compile()
     scorer = Scorer(model)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else contextlib.nullcontext)
@@ -842,6 +871,11 @@ def train(cfg):
             if len(ref_all) != len(dataset):
                 raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
 
+    if cfg.fsdp:  # FSDP2: each block's tensors become shards (DTensors), gathered only for its forward/backward
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(scorer)  # the root: embeddings, final norm and head
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -857,7 +891,7 @@ def train(cfg):
         start = load_trainer_state(resume_dir, model, optimizer, sampler, lora)
         if is_main():
             print(f"resumed from {resume_dir} at step {start}")
-    ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 else scorer
+    ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
     if is_main():
         write_json_atomic(out / "config.json", asdict(cfg))
         if start == 0 and (out / "metrics.jsonl").exists():
@@ -873,6 +907,7 @@ def train(cfg):
 
     batches_iter = micro_batches()
     collate = COLLATORS[kind]
+    step_collate = (lambda b, pad_id: collate_packed(b, kind, pad_id)) if cfg.pack else collate
     last_ckpt = resume_dir
     bar = tqdm(total=total, initial=start, desc=f"{kind}", disable=not is_main(), dynamic_ncols=True)
     model.train()
@@ -885,8 +920,10 @@ def train(cfg):
         for micro in range(cfg.grad_accum):
             positions = next(batches_iter)
             mine = positions[rank::world]  # this process's shard of the global micro-batch
-            batch = reference_rows(cfg, to_device(collate([train_set[p] for p in mine], tok.pad_token_id), device))
-            n_tokens += int(batch["attention_mask"].sum())
+            batch = step_collate([train_set[p] for p in mine], tok.pad_token_id)
+            batch = batch if cfg.pack else reference_rows(cfg, batch)
+            n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
+            batch = to_device(batch, device)
             if ref_all is not None:
                 ref = ref_all[[train_set.indices[p] for p in mine]].to(device)
             elif ref_scorer is not None:
@@ -902,14 +939,19 @@ def train(cfg):
                     dist.all_reduce(n_total)
                 n_total = n_total.clamp(min=1) / world  # DDP averages gradients over the world
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+            if cfg.fsdp:  # reduce-scatter the gradients only after the last micro-batch
+                ddp.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync()):
                 with autocast():
                     token_logps = ddp(**batch)
-                loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"], ref, n_total)
+                loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"], ref, n_total,
+                                            batch.get("labels_b"))
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         keys = list(sums)
         values = torch.stack([sums[k].float() for k in keys] + [grad_norm.float()])
         if world > 1:
@@ -926,7 +968,7 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         row["tokens_per_s"] = n_tokens * world / elapsed
-        if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and is_main():
+        if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and (is_main() or cfg.fsdp):
             model.eval()
             ref_held = None if ref_all is None else ref_all[heldout.indices]
             row.update(evaluate_loss(scorer, heldout, ref_held, cfg, device, autocast))
@@ -948,6 +990,14 @@ def train(cfg):
             barrier()
     bar.close()
     final = out / "final"
+    if cfg.fsdp:  # every process sends its shards; rank 0 receives the full weights, on the CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_main():
+            model = load_model(cfg.model, dtype=load_dtype)
+            if lora:
+                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            model.load_state_dict(state, strict=True)
     if is_main():
         save_model(merged_copy(model) if lora else model, final, tokenizer_dir=cfg.model)
     barrier()
