@@ -426,10 +426,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
-        """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side.
+        """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side, or a
+        (B, 1, T, T) bool mask, True where query t may see key s (packed rows; needs position_ids, no cache).
         Returns the final-norm hidden states (B, T, D); logits would be hidden @ self.lm_head.weight.T."""
         B, T = input_ids.shape
-        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+        full = attention_mask is not None and attention_mask.dim() == 4
+        if full and (kv_cache is not None or position_ids is None or self.config.sliding_window is not None):
+            raise ValueError("a (B, 1, T, T) attention_mask needs position_ids, no kv_cache and no sliding window")
+        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None or full
                 else attention_mask.to(torch.bool))
         past = 0
         if kv_cache is not None:
@@ -443,7 +447,7 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        padded = not bool(mask.all())
+        padded = not full and not bool(mask.all())  # (reading the mask waits for the GPU: packed rows skip it)
         masks = {}
         for window in {self.config.sliding_window if self.config.layer_uses_window(i) else None
                        for i in range(self.config.num_hidden_layers)}:
@@ -451,6 +455,8 @@ class Transformer(nn.Module):
                 masks[window] = attention_mask_for(mask, past, T, window)
             else:
                 masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
+        if full:
+            masks = {None: attention_mask.to(torch.bool)}
 
         for i, layer in enumerate(self.model.layers):
             layer_mask = masks[self.config.sliding_window if self.config.layer_uses_window(i) else None]
