@@ -762,6 +762,87 @@ COLLATORS = {"sft": collate_sft, "dpo": collate_dpo, "iopo": collate_iopo}
 
 
 # -----------------------------------------------------------------------------
+# Shared-prompt packing: two answers after one prompt in one row
+#
+# DPO's (x, y_w), (x, y_l) and IOPO's (x1, y1), (x1, y2) / (x2, y2), (x2, y1) repeat each prompt twice. A
+# packed row holds the prompt once and both answers: [x, y_a, y_b]. y_b must not see y_a, and its
+# positions continue from the end of x as if y_a were not there, so every token of y_b sees exactly what
+# it sees in the unpacked row (x, y_b) and gets the same log-prob:
+#
+#     tokens       x0 x1 x2 | a0 a1 | b0 b1 b2      segment ids 1 = prompt, 2 = y_a, 3 = y_b, 0 = padding
+#     position_ids  0  1  2 |  3  4 |  3  4  5
+#     labels        .  .  . | a0 a1 |  .  .  .      y_a scored as usual: token t from position t - 1
+#     labels_b      .  .  . | b0  . |  . b1 b2      y_b: b0 is predicted from x2 (the last prompt token),
+#                                                   so it sits one step after x2, where a0 sits in `labels`
+# Labels are aligned like collate_sft's (the trainer pairs hidden[:, :-1] with labels[:, 1:]).
+
+PROMPT, ANSWER_A, ANSWER_B = 1, 2, 3  # segment ids; 0 is padding
+
+
+def _split_prompt(seq):
+    """(prompt ids, answer ids) of an encoded sequence: the prompt is everything before the first scored label."""
+    n = next((t for t, label in enumerate(seq["labels"]) if label != IGNORE_INDEX), len(seq["labels"]))
+    return seq["input_ids"][:n], seq["input_ids"][n:]
+
+
+def pack_pair(seq_a, seq_b):
+    """One packed row (lists) from two encoded sequences that share their prompt: input_ids, labels, labels_b,
+    position_ids, segment_ids."""
+    x, y_a = _split_prompt(seq_a)
+    x_b, y_b = _split_prompt(seq_b)
+    if x != x_b:
+        raise ValueError(f"pack_pair: the two sequences have different prompts ({len(x)} and {len(x_b)} tokens); "
+                         "only answers to the same prompt can share a row")
+    if not x:
+        raise ValueError("pack_pair: an empty prompt leaves nothing to predict the first answer token from")
+    p, la, lb = len(x), len(y_a), len(y_b)
+    labels_b = [IGNORE_INDEX] * (p + la + lb)
+    if lb:
+        labels_b[p] = y_b[0]  # predicted from position p - 1, the last prompt token
+        labels_b[p + la + 1:] = y_b[1:]  # the rest from the previous y_b token, as usual
+    return {"input_ids": x + y_a + y_b,
+            "labels": [IGNORE_INDEX] * p + y_a + [IGNORE_INDEX] * lb,
+            "labels_b": labels_b,
+            "position_ids": list(range(p + la)) + list(range(p, p + lb)),
+            "segment_ids": [PROMPT] * p + [ANSWER_A] * la + [ANSWER_B] * lb}
+
+
+# Which two sequences share a row, in row-block order: DPO one block [x, y_w, y_l]; IOPO two blocks
+# [x1, y1, y2] and [x2, y2, y1]. The trainer reads the per-sequence sums back in this order.
+PACKED_PAIRS = {"dpo": (("w", "l"),), "iopo": (("y1_x1", "y2_x1"), ("y2_x2", "y1_x2"))}
+
+
+def collate_packed(batch, kind, pad_id, multiple=8):
+    """Packed rows for DPO (B rows) or IOPO (2B rows, blocks of B: x1 rows then x2 rows), right-padded.
+
+    Returns input_ids, labels, labels_b, position_ids, segment_ids, attention_mask (1 on tokens), all
+    (R, T) long. packed_attention_mask(segment_ids) gives the (R, 1, T, T) mask the model needs."""
+    if kind not in PACKED_PAIRS:
+        raise ValueError(f"collate_packed: kind must be dpo or iopo, got {kind!r}")
+    rows = [pack_pair(ex[a], ex[b]) for a, b in PACKED_PAIRS[kind] for ex in batch]
+    width = -(-max(len(r["input_ids"]) for r in rows) // multiple) * multiple
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "labels_b": IGNORE_INDEX, "position_ids": 0,
+            "segment_ids": 0}
+    out = {k: torch.full((len(rows), width), v, dtype=torch.long) for k, v in fill.items()}
+    for i, r in enumerate(rows):
+        for k in fill:
+            out[k][i, :len(r[k])] = torch.tensor(r[k], dtype=torch.long)
+    out["attention_mask"] = (out["segment_ids"] != 0).long()
+    return out
+
+
+def packed_attention_mask(segment_ids):
+    """(R, 1, T, T) bool from (R, T) segment ids: causal, except that y_b never sees y_a.
+
+    Padding sits at the end of a row, so causality alone keeps real tokens from seeing it; a padding
+    query keeps its causal row (never used, but finite)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
+    blocked = (segment_ids == ANSWER_B)[:, :, None] & (segment_ids == ANSWER_A)[:, None, :]  # (R, T, T)
+    return (causal & ~blocked)[:, None]  # (R, 1, T, T)
+
+
+# -----------------------------------------------------------------------------
 # A toy tokenizer
 
 def train_tokenizer(texts, vocab_size, out_dir, model_max_length=32768):
