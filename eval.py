@@ -206,8 +206,8 @@ def detect_language(text):
 # abbreviation, then revisits each "." with the token after it: a numbered item ("3.") or an initial ("J.")
 # followed by a lower-case word is not a break, an abbreviation followed by a typical sentence starter is.
 # The three tables below are the learned English parameters that NLTK ships (punkt_tab/english); NLTK's
-# fourth table, how often each of 20k words was seen capitalised where, is replaced by two rules of thumb:
-# a capitalised word is never a sure sentence start, and a common English word counts as seen lower-case.
+# fourth table, how each of 20k words was seen capitalised or not, is replaced by how the word is written in
+# the text being split (see _orthography).
 
 _PUNKT_ABBREVIATIONS = set("""
 a.a a.c a.d a.g a.h a.m a.m.e a.s a.t adm ala ariz aug ave b.f b.v bros c c.i.t c.o.m.b c.v calif chg cie co
@@ -256,21 +256,44 @@ class _PunktToken:
         return self.type_no_period() if self.sentbreak else self.type
 
 
-def _seen_lowercase(word_type):
-    """Stand-in for Punkt's orthographic table: has this word been seen lower-case? (true for common words)"""
-    return word_type in _STOPWORDS["latin"]["en"] or word_type in _PUNKT_SENT_STARTERS
+def _ortho_says_start(tok, seen):
+    """Punkt's orthographic heuristic: True / False / 'unknown' for 'tok starts a sentence'.
 
-
-def _ortho_says_start(tok):
-    """Punkt's orthographic heuristic: True / False / 'unknown' for 'tok starts a sentence'."""
+    NLTK reads the flags from its table; we use how the word is written elsewhere in the same text (`seen`:
+    lower-case type -> {"lower", "mid_upper"}), and assume function words are also seen capitalised mid-sentence
+    (in titles), as the table records for almost all of them.
+    """
     if tok.tok in (";", ":", ",", ".", "!", "?"):
         return False
     if tok.first_lower:  # NLTK: lower-case and either seen capitalised or never seen starting a sentence
         return False
+    flags = seen.get(tok.type_no_sentperiod(), ())
+    if "lower" in flags and "mid_upper" not in flags and tok.type_no_sentperiod() not in _STOPWORDS["latin"]["en"]:
+        return True
     return "unknown"
 
 
-def _contains_sentbreak(context):
+def _seen_lowercase(word_type, seen):
+    return word_type in _STOPWORDS["latin"]["en"] or word_type in _PUNKT_SENT_STARTERS or "lower" in seen.get(word_type, ())
+
+
+def _orthography(text):
+    """How each word is written in text: seen in lower case anywhere / capitalised after a word that ends no
+    sentence (a cheap stand-in for the 'mid-sentence upper case' flag of Punkt's learned table)."""
+    seen = collections.defaultdict(set)
+    prev = "."
+    for word in re.findall(r"\S+", text):
+        core = word.strip("\"'()[]{}*_,;:")
+        if core:
+            if core[0].islower():
+                seen[core.lower()].add("lower")
+            elif core[0].isupper() and not prev.endswith((".", "!", "?", ":")):
+                seen[core.lower()].add("mid_upper")
+        prev = word
+    return seen
+
+
+def _contains_sentbreak(context, seen):
     """Annotate the words of one candidate break's context; True if a break is followed by another token."""
     toks = []
     for line in context.split("\n"):
@@ -293,12 +316,12 @@ def _contains_sentbreak(context):
         if (typ, next_typ) in _PUNKT_COLLOCATIONS:
             t.sentbreak, t.abbr = False, True
         elif (t.abbr or t.ellipsis) and not t.is_initial:
-            if _ortho_says_start(nxt) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
+            if _ortho_says_start(nxt, seen) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
                 t.sentbreak = True
         elif t.is_initial or typ == "##number##":
-            says = _ortho_says_start(nxt)
+            says = _ortho_says_start(nxt, seen)
             if says is False or (says == "unknown" and t.is_initial and nxt.first_upper
-                                 and not _seen_lowercase(next_typ)):
+                                 and not _seen_lowercase(next_typ, seen)):
                 t.sentbreak, t.abbr = False, True
     return any(t.sentbreak for t in toks[:-1])
 
@@ -321,8 +344,9 @@ def _candidate_breaks(text):
 def split_sentences(text):
     """Split English text into sentences the way NLTK's Punkt does (closing quotes and brackets stay behind)."""
     spans, last = [], 0
+    seen = _orthography(text)
     for m, context in _candidate_breaks(text):
-        if _contains_sentbreak(context):
+        if _contains_sentbreak(context, seen):
             spans.append((last, m.end()))
             last = m.start("next_tok") if m.group("next_tok") else m.end()
     spans.append((last, len(text.rstrip())))
@@ -352,6 +376,7 @@ def split_sentences(text):
 _TREEBANK_SPLITS = [  # (pattern, replacement), applied in order, exactly as NLTK's tokenizer orders them
     (r"([«“‘„]|[`]+)", r" \1 "),
     (r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),  # an opening single quote
+    (r"([^\.])(\.)([\]\)}>\"'»”’ ]*)\s*$", r"\1 \2 \3 "),  # the sentence's final period
     (r"([:,])([^\d])", r" \1 \2"), (r"([:,])$", r" \1 "), (r"\.{2,}", r" \g<0> "), (r"[;@#$%&]", r" \g<0> "),
     (r"[\u2012-\u2015]", r" \g<0> "), (r"[?!]", r" \g<0> "), (r"([^'])' ", r"\1 ' "), (r"[*]", r" \g<0> "),
     (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "), (r"--", r" -- "),
