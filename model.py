@@ -19,6 +19,7 @@ What we simplify or leave out:
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -34,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -288,6 +290,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# On CUDA, torch may pick cuDNN attention, which builds a new plan for every new key length: tens of
+# milliseconds per decoding step. Flash / memory-efficient kernels have no such cost (both do softmax in float32).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -312,10 +319,11 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         # mask is None (plain causal), "all" (one new token sees the whole cache) or a (B, 1, T, S) bool tensor
-        if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None)
+        with sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+            if isinstance(mask, torch.Tensor):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -515,6 +523,10 @@ def load_model(path, dtype=None, device="cpu"):
     otherwise. The module is built on the meta device (no memory) and each tensor is read from its memory-mapped
     file, converted and placed on its own, so the peak stays near one copy of the weights."""
     path = Path(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; expected one of {list(DTYPES)}")
+        dtype = DTYPES[dtype]
     config = ModelConfig.from_hf(path / "config.json")
     where = checkpoint_files(path)
     if "lm_head.weight" not in where:  # no head in the file means it is tied to the embedding
@@ -529,7 +541,8 @@ def load_model(path, dtype=None, device="cpu"):
         raise ValueError(f"unexpected tensor {name!r} in {where[name]} (not part of a {config.model_type} model "
                          f"with {config.num_hidden_layers} layers)")
     for name in expected.keys() - where.keys():
-        raise ValueError(f"missing tensor {name!r}: not found in {path}")
+        listing = path / INDEX_NAME if (path / INDEX_NAME).is_file() else path / WEIGHTS_NAME
+        raise ValueError(f"missing tensor {name!r}: not found in {listing}")
 
     state = {}
     for file in sorted(set(where.values())):

@@ -112,6 +112,8 @@ def test_config_layouts_agree():
     new["rope_parameters"] = {**legacy["rope_scaling"], "rope_theta": legacy["rope_theta"]}
     new["dtype"] = legacy["torch_dtype"]
     assert M.ModelConfig.from_hf(legacy) == M.ModelConfig.from_hf(new)
+    old_key = {**legacy, "rope_scaling": {"type": "linear", "factor": 4.0}}  # pre-4.45 files say "type"
+    assert M.ModelConfig.from_hf(old_key).rope_scaling == {"rope_type": "linear", "factor": 4.0}
     # and to_hf -> from_hf is the identity
     c = M.ModelConfig.from_hf(FIXTURES / "qwen2_window")
     assert M.ModelConfig.from_hf(c.to_hf()) == c
@@ -222,11 +224,18 @@ def test_missing_lm_head_means_tied(tmp_path):
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_load_dtype_argument():
-    """load_model keeps the checkpoint dtype by default and converts when asked."""
+def test_load_dtype_argument(tmp_path):
+    """load_model keeps the checkpoint dtype by default, converts when asked, and a bf16 save stays bf16."""
     assert M.load_model(FIXTURES / "llama_gqa_untied").lm_head.weight.dtype == torch.float32
     m = M.load_model(FIXTURES / "llama_gqa_untied", dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and m.config.torch_dtype == "bfloat16"
+    M.save_model(m, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    again = M.load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), m.parameters()))
+    assert M.load_model(tmp_path, dtype="float32").lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        M.load_model(tmp_path, dtype="int8")
 
 
 def edit_weights(d, fn, file="model.safetensors"):
@@ -239,7 +248,7 @@ def test_error_missing_tensor(tmp_path):
     """A missing tensor is named together with the folder."""
     d = copy_fixture("llama_gqa_untied", tmp_path)
     edit_weights(d, lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'.*llama_gqa_untied"):
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight': not found in .*llama_gqa_untied/model.safetensors"):
         M.load_model(d)
 
 
