@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import iopo
 import model as M
-from data import IOPO_ORDER, collate_dpo, collate_iopo
+from data import COLLATORS, EncodedDataset, RecordFile, collate_packed, pack_pair, packed_attention_mask
 from test_train import write_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,3 +107,122 @@ def test_fsdp_two_processes_match_one(toy, tmp_path):
     a, b = M.load_model(tmp_path / "fsdp" / "final").state_dict(), M.load_model(tmp_path / "one" / "final").state_dict()
     worst = max((a[k] - b[k]).abs().max().item() for k in b)
     assert a.keys() == b.keys() and worst < 1e-4, f"FSDP final weights differ from 1 process by {worst}"
+
+
+def test_fsdp_needs_torchrun():
+    """--fsdp in a single process stops with a message that says to run it under torchrun."""
+    with pytest.raises(SystemExit, match="torchrun"):
+        iopo.main(["dpo", "--data", "unused.jsonl", "--fsdp", "--device", "cpu"])
+
+
+# --- shared-prompt packing
+
+
+def test_pack_pair_layout():
+    """A packed row by hand: prompt once, y_b's positions restart after x, y_b's first label follows the prompt."""
+    P = -100
+    a = {"input_ids": [5, 6, 7, 8, 9], "labels": [P, P, P, 8, 9]}  # x = 5 6 7, y_a = 8 9
+    b = {"input_ids": [5, 6, 7, 3, 4, 2], "labels": [P, P, P, 3, 4, 2]}  # y_b = 3 4 2
+    row = pack_pair(a, b)
+    assert row == {"input_ids": [5, 6, 7, 8, 9, 3, 4, 2],
+                   "labels": [P, P, P, 8, 9, P, P, P],
+                   "labels_b": [P, P, P, 3, P, P, 4, 2],
+                   "position_ids": [0, 1, 2, 3, 4, 3, 4, 5],
+                   "segment_ids": [1, 1, 1, 2, 2, 3, 3, 3]}, row
+    mask = packed_attention_mask(torch.tensor([row["segment_ids"] + [0, 0]]))[0, 0].int()  # (T, T)
+    assert mask[6].tolist() == [1, 1, 1, 0, 0, 1, 1, 0, 0, 0], f"y_b's 2nd token sees x and y_b only: {mask[6]}"
+    assert mask[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0], f"y_a is plain causal: {mask[4]}"
+    with pytest.raises(ValueError, match="different prompts"):
+        pack_pair(a, {"input_ids": [5, 6, 1, 2], "labels": [P, P, P, 2]})
+
+
+@pytest.fixture(scope="module")
+def encoded(toy):
+    """The toy model and the DPO / IOPO examples of the test data, encoded with its tokenizer."""
+    folder, paths, base = toy
+    tok = M.load_tokenizer(base)
+    data = {kind: EncodedDataset(RecordFile(paths[kind], kind), kind, tok, max_len=64) for kind in ("dpo", "iopo")}
+    return M.load_model(base), tok, data, base
+
+
+def _step(net, cfg, batch, ref):
+    net.zero_grad(set_to_none=True)
+    scorer = iopo.Scorer(net)
+    token_logps = scorer(**batch)
+    loss, metrics = iopo.method_loss(cfg, token_logps, batch["labels"], ref, labels_b=batch.get("labels_b"))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+    sums = token_logps.sum(-1)
+    return sums, loss.detach(), grads
+
+
+def _sums64(net, batch):
+    """Per-row (y_a, y_b) log-prob sums in float64 from the full log-softmax: exact to rounding, (2, R)."""
+    hidden = net(batch["input_ids"], attention_mask=packed_attention_mask(batch["segment_ids"])
+                 if "segment_ids" in batch else batch["attention_mask"], position_ids=batch.get("position_ids"))
+    logps = torch.log_softmax(hidden[:, :-1] @ net.lm_head.weight.T, dim=-1)  # (R, T-1, V)
+    out = []
+    for labels in (batch["labels"], batch.get("labels_b", batch["labels"])):
+        y = labels[:, 1:]
+        out.append((logps.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)).sum(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "iopo"])
+def test_packed_logprobs_equal_unpacked_float64(encoded, kind):
+    """In float64, each answer's log-prob in a packed row equals its unpacked row's to 1e-10."""
+    _, tok, data, base = encoded
+    net = M.load_model(base, dtype=torch.float64)
+    examples = [data[kind][i] for i in range(6)]
+    plain = _sums64(net, COLLATORS[kind](examples, tok.pad_token_id))[0]  # (kB,) in the collator's row order
+    packed = _sums64(net, collate_packed(examples, kind, tok.pad_token_id))  # (2, R)
+    order = packed.flatten() if kind == "dpo" else torch.cat([packed[0, :6], packed[1, :6], packed[0, 6:], packed[1, 6:]])
+    worst = (order - plain).abs().max().item()
+    assert worst < 1e-10, f"{kind}: packed vs unpacked log-probs differ by {worst} (float64); {order} vs {plain}"
+
+
+@pytest.mark.parametrize("kind,variant", [("dpo", "full"), ("iopo", "full"), ("iopo", "three_seq")])
+def test_packed_equals_unpacked(encoded, kind, variant):
+    """Through Scorer and method_loss in float32, packed rows give the unpacked log-probs, loss and gradients."""
+    net, tok, data, _ = encoded
+    examples = [data[kind][i] for i in range(6)]
+    cfg = iopo.TrainConfig(method=kind, variant=variant, beta=0.5)
+    k = iopo.SEQS_PER_EXAMPLE[kind]
+    ref = -20 * torch.rand(len(examples), k, generator=torch.Generator().manual_seed(0))  # (B, k) made-up reference
+    plain = iopo.reference_rows(cfg, COLLATORS[kind](examples, tok.pad_token_id))
+    packed = collate_packed(examples, kind, tok.pad_token_id)
+    assert packed["input_ids"].numel() < plain["input_ids"].numel(), "packing should make the batch smaller"
+    sums_plain, loss_plain, grads_plain = _step(net, cfg, plain, ref)
+    sums_packed, loss_packed, grads_packed = _step(net, cfg, packed, ref)
+    # rows [x, y_w, y_l]; IOPO rows [x1, y1, y2] then [x2, y2, y1], back into the unpacked order
+    order = {"dpo": sums_packed.flatten(),
+             "iopo": torch.cat([sums_packed[0, :6], sums_packed[1, :6], sums_packed[0, 6:], sums_packed[1, 6:]])}[kind]
+    if variant == "three_seq":
+        order = torch.cat([order[:12], order[18:]])
+    torch.testing.assert_close(order, sums_plain, rtol=0, atol=1e-5,
+                               msg=lambda m: f"{kind}: packed vs unpacked sequence log-probs: {m}")
+    torch.testing.assert_close(loss_packed, loss_plain, rtol=1e-6, atol=1e-6)
+    worst = max((grads_packed[n] - grads_plain[n]).abs().max().item() for n in grads_plain)
+    scale = max(g.abs().max().item() for g in grads_plain.values())
+    assert worst <= 1e-4 * scale, f"{kind}/{variant}: gradients differ by {worst} (largest gradient {scale})"
+
+
+# --- gradient checkpointing
+
+
+def test_gradient_checkpointing_leaves_gradients_unchanged(encoded):
+    """An IOPO step with each block recomputed in backward gives the same loss and gradients as without."""
+    net, tok, data, _ = encoded
+    net.train()
+    batch = COLLATORS["iopo"]([data["iopo"][i] for i in range(4)], tok.pad_token_id)
+    ref = torch.zeros(4, 4)
+    cfg = iopo.TrainConfig(method="iopo")
+    results = {}
+    for flag in (False, True):
+        net.gradient_checkpointing = flag
+        results[flag] = _step(net, cfg, batch, ref)
+    net.gradient_checkpointing = False
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    for name, g in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], g, rtol=0, atol=1e-7,
+                                   msg=lambda m: f"{name}: gradient with checkpointing differs: {m}")
