@@ -26,8 +26,7 @@ import math
 import os
 import re
 import shutil
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -26,9 +26,10 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_config():
-    """2 layers, width 64, 4 query heads / 2 KV heads, vocab 320 (covers the chatml_tokenizer_dir ids)."""
+    """2 layers, width 64, 4 query heads / 2 KV heads, vocab 320 (covers the chatml_tokenizer_dir ids); a fresh
+    object per test, so a test that edits it cannot leak into another."""
     return M.ModelConfig(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=172,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True)

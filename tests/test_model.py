@@ -164,6 +164,16 @@ def test_forward_returns_hidden_states_and_keeps_default_dtype(tiny_model, tiny_
     assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight, "tie lost by .to()"
 
 
+def test_fully_padded_row_stays_finite(tiny_model, tiny_config):
+    """A row that is all padding gives finite hidden states and gradients (no NaN leaking into a masked loss)."""
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    h = tiny_model(ids, mask)
+    (h * mask[..., None]).sum().backward()
+    bad = [n for n, p in tiny_model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert torch.isfinite(h).all() and not bad, bad
+
+
 def test_gradient_checkpointing_same_gradients(tiny_model, tiny_config):
     """With gradient_checkpointing the loss and gradients equal the plain backward pass."""
     ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
