@@ -164,6 +164,20 @@ def test_forward_returns_hidden_states_and_keeps_default_dtype(tiny_model, tiny_
     assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight, "tie lost by .to()"
 
 
+def test_full_4d_mask_equals_padding_mask(tiny_model, tiny_config):
+    """A (B, 1, T, T) bool mask (packed rows) that spells out causal + right padding gives the 2-D mask's result."""
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.ones(7, 7, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    full = full | ~full.any(-1, keepdim=True)
+    with torch.no_grad():
+        diff = ((tiny_model(ids, full, positions) - tiny_model(ids, mask)).abs() * mask[..., None]).max().item()
+    assert diff < 1e-6, diff
+    with pytest.raises(ValueError, match=r"a \(B, 1, T, T\) attention_mask needs position_ids"):
+        tiny_model(ids, full)
+
+
 def test_fully_padded_row_stays_finite(tiny_model, tiny_config):
     """A row that is all padding gives finite hidden states and gradients (no NaN leaking into a masked loss)."""
     ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
