@@ -275,12 +275,15 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
     rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
 
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        frozen_head = not weight.requires_grad
-        logps = _FusedLogProbs.apply(h.contiguous(), weight, y, rows, use_triton, frozen_head)
-    else:  # evaluation, reference model: forward only, nothing saved
-        logps = torch.cat([_forward_chunk(h[s:s + rows], weight, y[s:s + rows], use_triton, False)[0]
-                           for s in range(0, len(y), rows)]) if len(y) else h.new_zeros(0, dtype=torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs' dtype decides, as in the backward
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            frozen_head = not weight.requires_grad
+            logps = _FusedLogProbs.apply(h.contiguous(), weight, y, rows, use_triton, frozen_head)
+        elif len(y):  # evaluation, reference model: forward only, nothing saved
+            logps = torch.cat([_forward_chunk(h[s:s + rows], weight, y[s:s + rows], use_triton, False)[0]
+                               for s in range(0, len(y), rows)])
+        else:
+            logps = h.new_zeros(0, dtype=torch.float32)
     if len(scored) == len(flat_labels):
         return logps.reshape(labels.shape)
     out = logps.new_zeros(len(flat_labels)).index_copy(0, scored, logps)
