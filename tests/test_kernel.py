@@ -170,3 +170,16 @@ def test_triton_interpreter_matches_naive():
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_nothing_scored_and_autocast():
+    """All positions ignored gives zeros and zero gradients; CPU autocast does not change the fused result."""
+    hidden, weight, labels = _inputs(seed=7)
+    h = hidden.clone().requires_grad_()
+    out = iopo.token_logprobs(h, weight, torch.full_like(labels, -100), impl="torch")
+    out.sum().backward()
+    assert out.abs().max() == 0 and h.grad.abs().max() == 0, (out.abs().max(), h.grad.abs().max())
+    plain = iopo.token_logprobs(hidden, weight, labels, impl="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = iopo.token_logprobs(hidden, weight, labels, impl="torch")
+    assert torch.equal(plain, under_autocast), (plain - under_autocast).abs().max()
