@@ -378,6 +378,9 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json eos_token: token '<\|eos\|>' is not in the vocabulary"):
         M.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
+        M.load_tokenizer(tmp_path)
     tok = M.load_tokenizer(FIXTURES / "chat" / "qwen2")
     with pytest.raises(ValueError, match="message 0 needs string 'role' and 'content'"):
         tok.apply_chat_template([{"role": "user"}])
