@@ -339,7 +339,7 @@ IOPO_VARIANTS = ("full", "no_input_pref", "no_output_pref", "three_seq")
 
 def iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, ref_logp_y1_x1, ref_logp_y2_x1, ref_logp_y2_x2,
               ref_logp_y1_x2, beta=0.1, label_smoothing=0.0, variant="full"):
-    """IOPO (arXiv 2411.06208, Section 3) on quadruples (x1, y1, x2, y2); r_ij = r(x_j, y_i) below as rIJ = r(xJ, yI).
+    """IOPO (arXiv 2411.06208, Section 3) on quadruples (x1, y1, x2, y2); rAB = r(xA, yB), as in SPEC §1.
 
         full:            -log sigmoid( beta * [ (r11 - r12) + (r22 - r21)      output preference (DPO's terms)
                                               + (r11 - r21) + (r22 - r12) ] / 2 )   input preference
@@ -348,8 +348,10 @@ def iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, ref_logp_y1_x1, re
         no_output_pref:  mean of -log sigmoid(beta (r11 - r21)) and -log sigmoid(beta (r22 - r12))
         three_seq:       -log sigmoid( beta * (2 r11 - r12 - r21) )       (no (x2, y2): its args may be None)
 
-    where r11 = r(x1, y1), r12 = r(x1, y2), r22 = r(x2, y2), r21 = r(x2, y1). The ablations average their
-    two terms so that every variant equals ln 2 when the policy is the reference.
+    where r11 = r(x1, y1), r12 = r(x1, y2), r22 = r(x2, y2), r21 = r(x2, y1). The paper groups "full" as
+    -log sigmoid((P1 + P2) / 2), P1 = beta (2 r11 - r12 - r21), P2 = beta (2 r22 - r21 - r12): the same number.
+    The ablations (Table 4) average their two terms, so every variant is ln 2 when policy == reference;
+    three_seq is the appendix's 3-sequence variant.
     """
     if variant not in IOPO_VARIANTS:
         raise ValueError(f"iopo_loss: variant must be one of {IOPO_VARIANTS}, got {variant!r}")
