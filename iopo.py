@@ -530,6 +530,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
+    compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
+    pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
+    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -881,6 +884,11 @@ def train(cfg):
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(scorer)  # the root: embeddings, final norm and head
+    if cfg.fsdp:  # FSDP2: each block's tensors become shards (DTensors), gathered only for its forward/backward
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(scorer)  # the root: embeddings, final norm and head
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -894,6 +902,12 @@ def train(cfg):
     start = 0
     if resume_dir is not None:
         start = load_trainer_state(resume_dir, model, optimizer, sampler, lora)
+        if world > 1 and (resume_dir / "rng_ranks.safetensors").is_file():  # this process's own generators
+            with safe_open(resume_dir / "rng_ranks.safetensors", framework="pt") as f:
+                if f"cpu.rank{rank}" in f.keys():
+                    torch.set_rng_state(f.get_tensor(f"cpu.rank{rank}"))
+                if f"cuda.rank{rank}" in f.keys() and device.type == "cuda":
+                    torch.cuda.set_rng_state(f.get_tensor(f"cuda.rank{rank}"), device)
         if is_main():
             print(f"resumed from {resume_dir} at step {start}")
     ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
@@ -928,9 +942,11 @@ def train(cfg):
             batch = step_collate([train_set[p] for p in mine], tok.pad_token_id)
             batch = batch if cfg.pack else reference_rows(cfg, batch)
             n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
-            batch = to_device(batch, device)
+            # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
+            pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+            batch = to_device({k: pin(v) for k, v in batch.items()}, device)
             if ref_all is not None:
-                ref = ref_all[[train_set.indices[p] for p in mine]].to(device)
+                ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
             elif ref_scorer is not None:
                 with torch.no_grad(), adapters_disabled(model), autocast():
                     full = to_device(collate([train_set[p] for p in mine], tok.pad_token_id), device)
@@ -955,6 +971,8 @@ def train(cfg):
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         keys = list(sums)
@@ -989,9 +1007,20 @@ def train(cfg):
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            rng = {}
+            if world > 1:  # every process draws its own dropout masks: keep each one's generators
+                mine = {"cpu": torch.get_rng_state()}
+                if device.type == "cuda":
+                    mine["cuda"] = torch.cuda.get_rng_state(device)
+                for name, state in mine.items():
+                    gathered = [torch.empty_like(state, device=device) for _ in range(world)]
+                    dist.all_gather(gathered, state.to(device))
+                    rng.update({f"{name}.rank{r}": s.cpu() for r, s in enumerate(gathered)})
             if is_main():
                 last_ckpt = out / f"checkpoint-{step + 1}"
                 save_checkpoint(last_ckpt, model, cfg.model, optimizer, sampler, step + 1, cfg, lora)
+                if rng:
+                    write_atomic(last_ckpt / "rng_ranks.safetensors", lambda tmp: save_file(rng, tmp))
             barrier()
     bar.close()
     final = out / "final"
