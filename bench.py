@@ -278,7 +278,9 @@ def bench_generate(args):
 #   head   (6 or 4) x V x D x scored tokens (the kernel computes logits only where a label is scored)
 #   attn   3 (forward + backward) x 4 T^2 (H hd) / 2 per row and layer: QK^T and AV, the causal half
 # MFU = model FLOPs per second / the matmul rate measured in the same run (bf16 on CUDA, float32 on CPU).
-# CPU: each configuration runs in a fresh process, memory is its peak RSS above the built model (VmHWM).
+# CPU: each configuration runs in a fresh process, memory is its peak RSS above the built model (VmHWM), and
+# times are the process's CPU seconds with one thread, which other jobs on a shared machine disturb far less
+# than wall time (the matmul rate is timed the same way).
 # CUDA: one process, memory is torch.cuda.max_memory_allocated (everything: weights, optimizer, activations).
 
 TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer tokens, instructions per step)
@@ -290,7 +292,7 @@ TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer token
         "num_key_value_heads": 2}), 300, 100, 2),
     "qwen2-0.5b": (dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, attention_bias=True,
-                        tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
+                        tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 4),
     "qwen2-7b": (dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, attention_bias=True,
                       tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
@@ -319,13 +321,14 @@ def _matmul_rate(device, dtype, n, repeats=5):
     import torch
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     best = float("inf")
     for _ in range(repeats + 1):
         sync()
-        start = time.perf_counter()
+        start = clock()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n ** 3 / best
 
 
@@ -343,7 +346,7 @@ def _model_flops(config, batch, lora):
     return k * body * tokens + k * c.vocab_size * c.hidden_size * scored + attention, tokens
 
 
-def _build_train_model(shape, device, lora, grad_checkpointing, bf16):
+def _build_train_model(shape, device, lora, grad_checkpointing, bf16, compile=False):
     """A random-weight model of `shape` on `device`: float32 weights for full fine-tuning (with bf16 autocast,
     as iopo.train --dtype bfloat16 does), a bfloat16 base + float32 adapters for LoRA when bf16."""
     import torch
@@ -359,12 +362,15 @@ def _build_train_model(shape, device, lora, grad_checkpointing, bf16):
     net.init_weights()
     net.tie_weights()
     net.gradient_checkpointing = grad_checkpointing
+    if compile:  # as iopo.train --compile: each block on its own
+        for layer in net.model.layers:
+            layer.compile()
     if lora:
         iopo.add_lora(net, rank=16, alpha=32, dropout=0.0)
     return net
 
 
-def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16):
+def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, n_instr=None):
     """Time `steps` optimizer steps after `warmup` ones; returns a dict of figures (or raises OOM)."""
     import time
     import contextlib
@@ -372,7 +378,8 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16):
     import iopo
     from data import COLLATORS, collate_packed
 
-    _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
+    _, prompt, answer, default_n = TRAIN_SHAPES[shape]
+    n_instr = n_instr or default_n
     examples = _synthetic_examples(method, n_instr, prompt, answer, net.config.vocab_size)
     cpu_batch = collate_packed(examples, method, 0) if pack else COLLATORS[method](examples, 0)
     batch = {k: v.to(device) for k, v in cpu_batch.items()}
@@ -401,11 +408,12 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16):
             step()
         sync()
         times = []
+        clock = time.perf_counter if on_gpu else time.process_time  # CPU: see the banner
         for _ in range(steps):
-            start = time.perf_counter()
+            start = clock()
             step()
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         flops, tokens = _model_flops(net.config, cpu_batch, lora)
         step_s = sorted(times)[len(times) // 2]  # the median: one slow step on a shared machine does not count
         return {"step_s": step_s, "tokens": tokens, "rows": len(cpu_batch["input_ids"]),
@@ -472,7 +480,7 @@ def bench_train(args):
         warmup, steps = (1, 3) if args.quick else (2, 7)
         _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
         print(f"train, CPU float32, {args.train_threads} thread(s), {shape} model, {n_instr} instructions per step, "
-              f"prompt {prompt} + answers of {answer} tokens, median of {steps} steps after {warmup}, each "
+              f"prompt {prompt} + answers of {answer} tokens, median CPU seconds of {steps} steps after {warmup}, each "
               "configuration in a fresh process; memory = peak RSS above the built model; MFU against a "
               "1024^3 float32 matmul timed in the same process")
         for lora in ((False,) if args.quick else (False, True)):
@@ -486,276 +494,27 @@ def bench_train(args):
                          "code on the CPU as a logic check)")
     device = torch.device("cuda" if on_gpu else "cpu")
     shapes = ["tiny"] if args.shapes == "tiny" else ["qwen2-0.5b", "qwen2-7b"]
-    warmup, steps = (2, 3) if args.quick else (3, 10)
+    warmup, steps = (2 + 2 * args.train_compile, 3) if args.quick else (3 + 2 * args.train_compile, 10)
     rate = _matmul_rate(device, torch.bfloat16, 8192 if on_gpu else 256)
     where = torch.cuda.get_device_name() if on_gpu else "CPU (logic check of the CUDA path)"
     print(f"train, {where}, bf16 autocast, gradient checkpointing, median of {steps} steps after {warmup}; "
           f"measured bf16 matmul rate {rate / 1e12:.1f} TFLOP/s; memory = max_memory_allocated", flush=True)
     for shape in shapes:
         _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
+        n_instr = args.train_batch or n_instr
         for lora in ((False, True) if shape != "qwen2-7b" else (True,)):
             if on_gpu:
                 torch.cuda.empty_cache()
             try:
-                net = _build_train_model(shape, device, lora, grad_checkpointing=True, bf16=True)
+                net = _build_train_model(shape, device, lora, grad_checkpointing=True, bf16=True,
+                                         compile=args.train_compile)
             except torch.cuda.OutOfMemoryError:
                 print(f"{shape} {'LoRA' if lora else 'full'}: out of memory while building the model", flush=True)
                 continue
             rows = []
             for m, p in TRAIN_RUNS:
                 try:
-                    r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True)
-                except torch.cuda.OutOfMemoryError:
-                    r = None
-                if on_gpu:
-                    torch.cuda.empty_cache()
-                rows.append((label(m, p), m, p, r))
-            kind = "LoRA rank 16 (bf16 base)" if lora else "full fine-tuning (fp32 weights, bf16 autocast)"
-            _print_train_table(f"{shape}, {kind}, {n_instr} instruction(s) per step, prompt {prompt} + answers "
-                               f"of {answer} tokens", rows, rate)
-            del net
-
-
-# --- train: one optimizer step of SFT / DPO / IOPO at the same number of instructions (iopo.py)
-#
-# Each configuration runs iopo.py's own step (Scorer, method_loss, backward, clip, AdamW) on synthetic
-# token ids laid out by data.py's collators: B instructions per step, i.e. B rows for SFT, 2B for DPO, 4B
-# for IOPO, or B (DPO) / 2B (IOPO) rows [x, y_a, y_b] with --pack. Lengths are TRACE-like: the prompt is
-# longer than the answers. Reference log-probs are zeros (training reads them from its cache: no cost).
-# Random weights: speed and memory do not depend on the values.
-#
-# Model FLOPs per step (what MFU counts; recomputation under gradient checkpointing is not counted):
-#   body   (6 full fine-tuning, 4 LoRA: no weight gradients) x body matmul parameters x tokens in the rows
-#   head   (6 or 4) x V x D x scored tokens (the kernel computes logits only where a label is scored)
-#   attn   3 (forward + backward) x 4 T^2 (H hd) / 2 per row and layer: QK^T and AV, the causal half
-# MFU = model FLOPs per second / the matmul rate measured in the same run (bf16 on CUDA, float32 on CPU).
-# CPU: each configuration runs in a fresh process, memory is its peak RSS above the built model (VmHWM).
-# CUDA: one process, memory is torch.cuda.max_memory_allocated (everything: weights, optimizer, activations).
-
-TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer tokens, instructions per step)
-    "tiny": (dict(model_type="llama", vocab_size=512, tie_word_embeddings=True, **{
-        "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}), 24, 8, 2),
-    "toy": (dict(model_type="llama", vocab_size=2048, tie_word_embeddings=True, **{
-        "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2}), 300, 100, 2),
-    "qwen2-0.5b": (dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, attention_bias=True,
-                        tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
-    "qwen2-7b": (dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, attention_bias=True,
-                      tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
-}
-TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", True), ("iopo", False), ("iopo", True)]
-
-
-def _synthetic_examples(method, n, prompt, answer, vocab, seed=0):
-    """n encoded examples in data.py's format with random ids: the same instructions for every method."""
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        x1, x2 = ([rng.randrange(3, vocab) for _ in range(prompt)] for _ in range(2))
-        y1, y2 = ([rng.randrange(3, vocab) for _ in range(answer)] for _ in range(2))
-        seq = lambda x, y: {"input_ids": x + y, "labels": [-100] * len(x) + y}
-        out.append({"sft": seq(x1, y1), "dpo": {"w": seq(x1, y1), "l": seq(x1, y2)},
-                    "iopo": {"y1_x1": seq(x1, y1), "y2_x1": seq(x1, y2), "y2_x2": seq(x2, y2),
-                             "y1_x2": seq(x2, y1)}}[method])
-    return out
-
-
-def _matmul_rate(device, dtype, n, repeats=5):
-    """Measured FLOP/s of one n x n x n matmul in `dtype` on `device` (best of `repeats`)."""
-    import time
-    import torch
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
-def _model_flops(config, batch, lora):
-    """Model FLOPs of one training step on `batch` (see the banner)."""
-    c = config
-    hd = c.head_dim or c.hidden_size // c.num_attention_heads
-    attn = c.hidden_size * hd * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)  # q, o, k, v
-    body = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
-    k = 4 if lora else 6
-    tokens = int(batch["attention_mask"].sum())
-    scored = sum(int((batch[key][:, 1:] != -100).sum()) for key in ("labels", "labels_b") if key in batch)
-    T = batch["input_ids"].shape[1]
-    attention = 3 * 4 * T * T * c.num_attention_heads * hd / 2 * c.num_hidden_layers * batch["input_ids"].shape[0]
-    return k * body * tokens + k * c.vocab_size * c.hidden_size * scored + attention, tokens
-
-
-def _build_train_model(shape, device, lora, grad_checkpointing, bf16):
-    """A random-weight model of `shape` on `device`: float32 weights for full fine-tuning (with bf16 autocast,
-    as iopo.train --dtype bfloat16 does), a bfloat16 base + float32 adapters for LoRA when bf16."""
-    import torch
-    import iopo
-    import model as M
-    fields, *_ = TRAIN_SHAPES[shape]
-    config = M.ModelConfig(**fields)
-    dtype = torch.bfloat16 if lora and bf16 else torch.float32
-    with torch.device("meta"):
-        net = M.Transformer(config)
-    net = net.to(dtype).to_empty(device=device)  # allocated once, in its final dtype
-    torch.manual_seed(0)
-    net.init_weights()
-    net.tie_weights()
-    net.gradient_checkpointing = grad_checkpointing
-    if lora:
-        iopo.add_lora(net, rank=16, alpha=32, dropout=0.0)
-    return net
-
-
-def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16):
-    """Time `steps` optimizer steps after `warmup` ones; returns a dict of figures (or raises OOM)."""
-    import time
-    import contextlib
-    import torch
-    import iopo
-    from data import COLLATORS, collate_packed
-
-    _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
-    examples = _synthetic_examples(method, n_instr, prompt, answer, net.config.vocab_size)
-    cpu_batch = collate_packed(examples, method, 0) if pack else COLLATORS[method](examples, 0)
-    batch = {k: v.to(device) for k, v in cpu_batch.items()}
-    cfg = iopo.TrainConfig(method=method, pack=pack)
-    ref = None if method == "sft" else torch.zeros(n_instr, iopo.SEQS_PER_EXAMPLE[method], device=device)
-    scorer = iopo.Scorer(net)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
-    on_gpu = device.type == "cuda"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-
-    def step():
-        with autocast():
-            token_logps = scorer(**batch)
-        loss, _ = iopo.method_loss(cfg, token_logps.float(), batch["labels"], ref, None, batch.get("labels_b"))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    try:
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
-            step()
-        sync()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        flops, tokens = _model_flops(net.config, cpu_batch, lora)
-        step_s = sorted(times)[len(times) // 2]  # the median: one slow step on a shared machine does not count
-        return {"step_s": step_s, "tokens": tokens, "rows": len(cpu_batch["input_ids"]),
-                "width": cpu_batch["input_ids"].shape[1], "flops": flops,
-                "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else 0}
-    finally:
-        del optimizer, scorer, batch
-        net.zero_grad(set_to_none=True)
-        if on_gpu:
-            torch.cuda.empty_cache()
-
-
-def train_cpu_worker(shape, method, pack, lora, warmup, steps, threads):
-    """Runs in a fresh process: one CPU configuration; prints one JSON line (peak RSS above the built model)."""
-    import json
-    import torch
-    torch.set_num_threads(threads)
-    device = torch.device("cpu")
-    net = _build_train_model(shape, device, lora, grad_checkpointing=False, bf16=False)
-    baseline = _peak_rss_bytes()
-    out = train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16=False)
-    out["rate"] = _matmul_rate(device, torch.float32, 1024)  # with this process's threads
-    out["peak_bytes"] = _peak_rss_bytes() - baseline
-    print(json.dumps(out))
-
-
-def _train_cpu_run(*args):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    call = f"import bench; bench.train_cpu_worker{tuple(args)!r}"
-    proc = subprocess.run([sys.executable, "-c", call], cwd=Path(__file__).resolve().parent,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench --train: the run {args} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _print_train_table(title, rows, rate):
-    """rows: (label, method, pack, figures or None for OOM); ratios against SFT and DPO of the same block."""
-    print(title)
-    print(f"{'config':>22} | {'rows x T':>9} {'step s':>7} {'tokens/s':>9} {'peak GB':>8} {'MFU %':>6} | "
-          f"{'time/SFT':>8} {'time/DPO':>8} {'mem/SFT':>7} {'mem/DPO':>7}")
-    base = {(m, p): r for _, m, p, r in rows if r is not None}
-    sft, dpo = base.get(("sft", False)), base.get(("dpo", False))
-    for label, method, pack, r in rows:
-        if r is None:
-            print(f"{label:>22} | out of memory", flush=True)
-            continue
-        ratio = lambda ref, key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"
-        mfu = 100 * r["flops"] / r["step_s"] / (rate or r["rate"])
-        print(f"{label:>22} | {str(r['rows']) + 'x' + str(r['width']):>9} {r['step_s']:>7.3f} "
-              f"{r['tokens'] / r['step_s']:>9.0f} {r['peak_bytes'] / 2**30:>8.2f} {mfu:>6.1f} | "
-              f"{ratio(sft, 'step_s'):>8} {ratio(dpo, 'step_s'):>8} {ratio(sft, 'peak_bytes'):>7} "
-              f"{ratio(dpo, 'peak_bytes'):>7}", flush=True)
-
-
-def bench_train(args):
-    import torch
-    label = lambda m, p: m.upper() + (" packed" if p else "")
-    if args.device == "cpu":
-        shape = args.shapes if args.shapes in ("tiny", "toy") else "toy"
-        warmup, steps = (1, 3) if args.quick else (2, 7)
-        _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
-        print(f"train, CPU float32, {args.train_threads} thread(s), {shape} model, {n_instr} instructions per step, "
-              f"prompt {prompt} + answers of {answer} tokens, median of {steps} steps after {warmup}, each "
-              "configuration in a fresh process; memory = peak RSS above the built model; MFU against a "
-              "1024^3 float32 matmul timed in the same process")
-        for lora in ((False,) if args.quick else (False, True)):
-            rows = [(label(m, p), m, p, _train_cpu_run(shape, m, p, lora, warmup, steps, args.train_threads))
-                    for m, p in TRAIN_RUNS]
-            _print_train_table("full fine-tuning" if not lora else "LoRA rank 16", rows, None)
-        return
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu and args.shapes != "tiny":
-        raise SystemExit("bench --train --device cuda: no CUDA device is visible (--shapes tiny runs the same "
-                         "code on the CPU as a logic check)")
-    device = torch.device("cuda" if on_gpu else "cpu")
-    shapes = ["tiny"] if args.shapes == "tiny" else ["qwen2-0.5b", "qwen2-7b"]
-    warmup, steps = (2, 3) if args.quick else (3, 10)
-    rate = _matmul_rate(device, torch.bfloat16, 8192 if on_gpu else 256)
-    where = torch.cuda.get_device_name() if on_gpu else "CPU (logic check of the CUDA path)"
-    print(f"train, {where}, bf16 autocast, gradient checkpointing, median of {steps} steps after {warmup}; "
-          f"measured bf16 matmul rate {rate / 1e12:.1f} TFLOP/s; memory = max_memory_allocated", flush=True)
-    for shape in shapes:
-        _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
-        for lora in ((False, True) if shape != "qwen2-7b" else (True,)):
-            if on_gpu:
-                torch.cuda.empty_cache()
-            try:
-                net = _build_train_model(shape, device, lora, grad_checkpointing=True, bf16=True)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{shape} {'LoRA' if lora else 'full'}: out of memory while building the model", flush=True)
-                continue
-            rows = []
-            for m, p in TRAIN_RUNS:
-                try:
-                    r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True)
+                    r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True, n_instr=n_instr)
                 except torch.cuda.OutOfMemoryError:
                     r = None
                 if on_gpu:
@@ -791,12 +550,10 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="--train: fewer steps (CPU 1 + 3, CUDA 2 warm-up + 3 timed; full fine-tuning only on CPU)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads on the CPU")
-    parser.add_argument("--shapes", default=None, choices=["tiny", "toy", "qwen2"],
-                        help="--train: model sizes (CPU default toy; CUDA default qwen2 = Qwen2-0.5B and 7B shapes; "
-                             "tiny checks the logic in seconds, also of --device cuda on a machine without a GPU)")
-    parser.add_argument("--quick", action="store_true",
-                        help="--train: fewer steps (CPU 1 + 3, CUDA 2 warm-up + 3 timed; full fine-tuning only on CPU)")
-    parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads on the CPU")
+    parser.add_argument("--train-batch", type=int, default=0,
+                        help="--train --device cuda: instructions per step (default: 4 for Qwen2-0.5B, 1 for 7B)")
+    parser.add_argument("--train-compile", action="store_true",
+                        help="--train --device cuda: torch.compile each block (adds compile time and 2 warm-up steps)")
     args, rest = parser.parse_known_args()
     if not (args.kernel or args.generate or args.train):
         parser.error("choose at least one of --kernel, --generate, --train")
