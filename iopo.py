@@ -530,9 +530,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
-    compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
-    pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
-    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -884,11 +881,6 @@ def train(cfg):
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(scorer)  # the root: embeddings, final norm and head
-    if cfg.fsdp:  # FSDP2: each block's tensors become shards (DTensors), gathered only for its forward/backward
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(scorer)  # the root: embeddings, final norm and head
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -971,8 +963,6 @@ def train(cfg):
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         keys = list(sums)
