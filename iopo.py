@@ -1039,14 +1039,14 @@ def train(cfg):
 class ToyConfig:
     out: str = "runs/toy"  # everything goes under OUT/seed{seed}/
     seed: int = 0  # one seed drives the data, the model init and the data order
-    n_train: int = 2000  # synthetic training instructions (each gives an SFT, a DPO and an IOPO example)
+    n_train: int = 2000  # synthetic training instructions for SFT
     n_eval: int = 200  # held-out evaluation items
     preset: str = "tiny"  # model.PRESETS size of the from-scratch model
     vocab: int = 1024  # tokenizer vocabulary
-    sft_steps: int = 300  # SFT optimizer steps
-    sft_lr: float = 3e-3  # SFT peak learning rate (a from-scratch toy wants far more than the paper's 1e-4)
+    sft_steps: int = 600  # SFT optimizer steps
+    sft_lr: float = 6e-3  # SFT peak learning rate (a from-scratch toy wants far more than the paper's 1e-4)
     sft_batch: int = 16  # instructions per SFT step
-    pref_steps: int = 60  # DPO / IOPO optimizer steps
+    pref_steps: int = 80  # DPO / IOPO optimizer steps, one pass over the first pref_steps * pref_batch instructions
     pref_lr: float = 2e-4  # DPO / IOPO peak learning rate
     pref_batch: int = 8  # instructions per DPO / IOPO step (IOPO: 4 sequences each, DPO: 2)
     beta: float = 0.1  # DPO / IOPO beta
@@ -1064,6 +1064,11 @@ def toy_reproduction(tc):
     data = trace_gen.generate_data(tc.n_train, tc.n_eval, tc.seed, toy=True, progress=False)
     trace_gen.write_outputs(data, root / "data")
     files = {kind: root / "data" / f"{kind}.jsonl" for kind in ("sft", "dpo", "iopo", "eval")}
+    n_pref = tc.pref_steps * tc.pref_batch  # DPO and IOPO see the same instructions, once each
+    for kind in ("dpo", "iopo"):
+        files[kind] = root / "data" / f"{kind}_first{n_pref}.jsonl"
+        write_atomic(files[kind], lambda tmp, k=kind: Path(tmp).write_text(
+            "".join(json.dumps(r) + "\n" for r in data[k][:n_pref])))
     print(f"[{time.time() - t0:5.0f}s] data: {len(data['sft'])} training instructions, {len(data['eval'])} eval items "
           f"-> {root / 'data'}")
 
