@@ -40,6 +40,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -140,13 +141,19 @@ def split_sentences(text):
     return [s for s in SENT_SPLIT_RE.split(text) if WORD_RE.search(s)]
 
 
+@functools.lru_cache(maxsize=4096)
 def _word_re(word):
     return re.compile(r"(?<![A-Za-z0-9])" + re.escape(word) + r"(?![A-Za-z0-9])", re.I)
 
 
 def count_word(text, word):
     """Case-insensitive occurrences of a word or phrase, not inside a longer word."""
-    return len(_word_re(word).findall(text))
+    return len(_word_re(word).findall(text)) if word.lower() in text.lower() else 0
+
+
+def has_word(text, word):
+    """count_word(text, word) > 0, without counting."""
+    return word.lower() in text.lower() and _word_re(word).search(text) is not None
 
 
 def _line_starts(text, label):
@@ -278,7 +285,7 @@ class Draft:
 
     def _ok(self, sentence):
         low = sentence.lower()
-        return not any((w.lower() in low) and count_word(sentence, w) for w in self.avoid)
+        return not any((w.lower() in low) and _word_re(w).search(sentence) for w in self.avoid)
 
     def _body(self):
         ctx = self.ctx
@@ -300,23 +307,25 @@ class Draft:
 
     def render(self):
         body, fillers, topic = self._body()
+        body = [s for s in body if self._ok(s)]
         fillers = [f for f in fillers if self._ok(f)]
+        closing = []
+        if self.closing and not self.ctx["toy"]:
+            options = [f"{p}, it pays to give {topic} steady attention." for p in [self.ctx["habit"]] + CLOSING_PHRASES]
+            closing = [next((c for c in options if self._ok(c)), "That covers the main points.")]
         n = self.ctx["n_fill"]
         if not (self.min_words or self.min_sents or self.min_topic):
-            return self._compose(body, fillers[:n], topic)
+            return self._compose(body + fillers[:n] + closing)
         while True:    # add fillers (cycling through them) until the length minimums hold
-            text = self._compose(body, [fillers[i % len(fillers)] for i in range(n)] if fillers else [], topic)
-            if n >= 80 or (count_words(text) >= self.min_words and len(split_sentences(text)) >= self.min_sents
-                           and count_word(text, topic) >= self.min_topic):
+            text = self._compose(body + [fillers[i % len(fillers)] for i in range(n)] + closing if fillers else body + closing)
+            short = max((self.min_words - count_words(text) + 8) // 9 if self.min_words else 0,
+                        self.min_sents - len(split_sentences(text)) if self.min_sents else 0,
+                        self.min_topic - count_word(text, topic) if self.min_topic else 0)
+            if short <= 0 or n >= 80 or not fillers:
                 return text
-            n += 1
+            n += short
 
-    def _compose(self, body, fillers, topic):
-        sentences = [s for s in body + fillers if self._ok(s)]
-        if self.closing and not self.ctx["toy"]:
-            closing = [f"{p}, it pays to give {topic} steady attention." for p in [self.ctx["habit"]] + CLOSING_PHRASES]
-            closing += ["That covers the main points."]
-            sentences.append(next(c for c in closing if self._ok(c)))
+    def _compose(self, sentences):
         blocks = []
         if self.lead:
             blocks.append("\n".join(line for _, line in sorted(self.lead)))
@@ -436,7 +445,7 @@ class ExcludeWords(Family):
 
     def check(self, p, r):
         """None of the words occurs as a whole word (case-insensitive)."""
-        return not any(count_word(r, w) for w in p["words"])
+        return not any(has_word(r, w) for w in p["words"])
 
     def write(self, d, p):
         d.avoid.update(p["words"])
@@ -446,7 +455,7 @@ class ExcludeWords(Family):
 
     def revise(self, rng, p, ctx, y1=""):
         # a word the old answer uses, so that the old answer fails the revised constraint
-        used = [w for w in ctx.get("habit_words", HABIT_WORDS) if w not in p["words"] and count_word(y1, w)]
+        used = [w for w in ctx.get("habit_words", HABIT_WORDS) if w not in p["words"] and has_word(y1, w)]
         return {"words": [rng.choice(used)]} if used else None
 
     def conflict(self, p, other):
@@ -479,18 +488,19 @@ class NoCommas(Family):
 
 class IncludeKeywords(Family):
     name, dimension, fields, slot = "include_keywords", "Inclusion", ("keywords",), "include_keywords"
-    phrasings = ["Include the {noun} {kw} in your answer.", "Make sure the {noun} {kw} appear in the response.",
+    phrasings = ["Include the {noun} {kw} in your answer.", "Make sure the {noun} {kw} {verb} in the response.",
                  "Your answer must mention {kw}."]
 
     def fmt(self, p):
-        return {"kw": _quote_list(p["keywords"]), "noun": "keyword" if len(p["keywords"]) == 1 else "keywords"}
+        one = len(p["keywords"]) == 1
+        return {"kw": _quote_list(p["keywords"]), "noun": "keyword" if one else "keywords", "verb": "appears" if one else "appear"}
 
     def sample(self, rng, ctx):
         return {"keywords": rng.sample(ctx.get("keywords", KEYWORDS), 1 if ctx["toy"] else rng.randint(1, 3))}
 
     def check(self, p, r):
         """Every keyword occurs as a whole word (case-insensitive)."""
-        return all(count_word(r, w) for w in p["keywords"])
+        return all(has_word(r, w) for w in p["keywords"])
 
     def write(self, d, p):
         d.extra += [f"Think of the {w} as part of the picture." for w in p["keywords"]]
@@ -537,7 +547,7 @@ class IncludePhrase(Family):
 
     def check(self, p, r):
         """The phrase occurs (case-insensitive, not inside a longer word)."""
-        return count_word(r, p["phrase"]) > 0
+        return has_word(r, p["phrase"])
 
     def write(self, d, p):
         d.extra.append(f"Keep this in mind: {p['phrase']}.")
@@ -667,7 +677,7 @@ class RoleIntro(Family):
 
     def check(self, p, r):
         """The phrase 'As a(n) <role>' occurs (case-insensitive)."""
-        return count_word(r, p["phrase"]) > 0
+        return has_word(r, p["phrase"])
 
     def write(self, d, p):
         d.lead.append((1, f"{p['phrase']}, I am glad to help."))
@@ -688,7 +698,7 @@ class Audience(Family):
 
     def check(self, p, r):
         """The audience name occurs and every sentence (split_sentences) has <= max_len words."""
-        return count_word(r, p["audience"]) > 0 and all(count_words(s) <= p["max_len"] for s in split_sentences(r))
+        return has_word(r, p["audience"]) and all(count_words(s) <= p["max_len"] for s in split_sentences(r))
 
     def write(self, d, p):
         d.lead.append((2, f"Dear {p['audience']}."))
@@ -775,7 +785,7 @@ class Lookup(Family):
 
     def check(self, p, r):
         """The value the input holds for the asked key occurs as a whole word (case-insensitive)."""
-        return count_word(r, p["value"]) > 0
+        return has_word(r, p["value"])
 
     def write(self, d, p):
         d.extra.append(f"According to the input, {p['question']} is {p['value']}.")
@@ -845,7 +855,7 @@ class Lexicon(Family):
 
     def check(self, p, r):
         """At least k different words of the list occur as whole words (case-insensitive)."""
-        return sum(1 for w in p["words"] if count_word(r, w)) >= p["k"]
+        return sum(1 for w in p["words"] if has_word(r, w)) >= p["k"]
 
     def write(self, d, p):
         d.extra += [self.sentence.format(w=w) for w in p["words"][:p["k"]]]
@@ -1222,7 +1232,7 @@ class NegativeExample(Family):
 
     def check(self, p, r):
         """The phrase does not occur (case-insensitive, not inside a longer word)."""
-        return count_word(r, p["phrase"]) == 0
+        return not has_word(r, p["phrase"])
 
     def write(self, d, p):
         d.avoid.add(p["phrase"])
@@ -1321,7 +1331,7 @@ def make_task(rng, toy):
         kind = rng.choices([k for k, _ in INPUT_KIND_WEIGHTS], [w for _, w in INPUT_KIND_WEIGHTS])[0]
     ctx = {"topic": topic, "category": cat, "input_kind": kind, "toy": toy, "input": None, "habit": rng.choice(CLOSING_PHRASES)}
     if toy:
-        ctx.update(description=f"Write one line about {topic}.", opening=f"Here is a note on {topic}.",
+        ctx.update(description=f"Write a short note about {topic}.", opening=f"Here is a note on {topic}.",
                    fillers=[rng.choice(TOY_FILLERS)], n_fill=1, habit_words=["very", "really", "just"],
                    keywords=KEYWORDS[:8], start_words=START_WORDS[:4], end_phrases=END_PHRASES[:3])
         return ctx
@@ -1368,6 +1378,12 @@ def make_spec(fam, params, phrasing, number):
             "phrasing": phrasing, "text": f"{number}. {fam.text(params, phrasing)}"}
 
 
+# slots that hold one value: two constraints of one family with different values cannot both be met (two
+# word ranges, two first words, ...); across families only wrappers, endings and list styles exclude each other
+EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "words", "list", "start", "ending", "prior", "process", "sections",
+                   "role", "multilingual", "emotion", "template", "positive_example"}
+
+
 def qc_reason(ctx, specs, new, skip=None):
     """Why `new` may not join `specs` (None when it may): incomplete, redundant or contradictory."""
     fam = FAMILIES[new["family"]]
@@ -1378,8 +1394,10 @@ def qc_reason(ctx, specs, new, skip=None):
             continue
         other = FAMILIES[s["family"]]
         if fam.slot == other.slot:
-            if s["family"] == new["family"] and s["params"] != new["params"] and fam.slot in ("case", "register", "wrapper", "words", "list", "start", "ending", "prior", "process"):
-                return f"contradiction: two {fam.slot} constraints with different values"
+            same_family = s["family"] == new["family"]
+            if (same_family and s["params"] != new["params"] and fam.slot in EXCLUSIVE_SLOTS) or \
+                    (not same_family and fam.slot in ("wrapper", "ending", "list")):
+                return f"contradiction: {other.name} and {fam.name} ask for different {fam.slot}"
             return f"redundant: {fam.name} repeats the {fam.slot} of {other.name}"
         if set(fam.tags) & set(other.clashes) or set(other.tags) & set(fam.clashes):
             return f"contradiction: {fam.name} vs {other.name} (line layout)"
@@ -1458,16 +1476,21 @@ def verified(specs, response):
     return [check(s, response) for s in specs]
 
 
+def satisfies(specs, response):
+    """all(verified(...)), stopping at the first failed check (put the constraint most likely to fail first)."""
+    return all(check(s, response) for s in specs)
+
+
 def make_rejected(rng, ctx, specs):
     """DPO's losing answer: the same instruction answered with one or two constraints spoiled, verified to fail."""
     order = rng.sample(range(len(specs)), len(specs))
     for i in order:
         spoil = [specs[i]] + ([specs[order[-1]]] if len(specs) > 2 and rng.random() < 0.3 and order[-1] != i else [])
         y = write_response(ctx, specs, spoil)
-        if not all(verified(specs, y)):
+        if not satisfies(spoil + specs, y):
             return y
     y = write_response(ctx, [])
-    return y if not all(verified(specs, y)) else None
+    return y if not satisfies(specs, y) else None
 
 
 def make_quadruple(rng, ctx, specs, y1, sampler, ops=("ADD", "DELETE", "REVISE")):
@@ -1494,9 +1517,9 @@ def make_quadruple(rng, ctx, specs, y1, sampler, ops=("ADD", "DELETE", "REVISE")
             specs2, at = rest[:j] + [new] + rest[j:], j
         specs2 = renumber([dict(s) for s in specs2])
         y2 = write_response(ctx, specs2)
-        if all(verified(specs, y2)):    # y2 still satisfies x1: violate the edited-away constraint on purpose
+        if satisfies([old] + specs, y2):    # y2 still satisfies x1: violate the edited-away constraint on purpose
             y2 = write_response(ctx, specs2, spoil=[old])
-        if all(verified(specs2, y2)) and not all(verified(specs2, y1)) and not all(verified(specs, y2)):
+        if satisfies(specs2, y2) and not satisfies([specs2[at]] + specs2, y1) and not satisfies([old] + specs, y2):
             if op == "REVISE":
                 return specs2, y2, {"op": "REVISE", "index": i, "before": old, "after": specs2[i], "companion": None}
             add = {"op": "ADD", "index": at, "before": None, "after": specs2[at]}
@@ -1547,7 +1570,7 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                 if specs is None:
                     continue
                 y1 = write_response(ctx, specs)
-                if not all(verified(specs, y1)):
+                if not satisfies(specs, y1):
                     failures["writer could not satisfy every constraint"] += 1
                     continue
                 x1 = render_prompt(ctx, specs)
@@ -1560,7 +1583,6 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                     failures["no verified DPO or IOPO counterpart"] += 1
                     continue
                 specs2, y2, edit = quad
-                assert all(verified(specs, y1)) and all(verified(specs2, y2))
                 ops[edit["op"]] += 1
                 out["sft"].append({"prompt": x1, "response": y1, "checks": specs})
                 out["dpo"].append({"prompt": x1, "chosen": y1, "rejected": rejected, "checks": specs})

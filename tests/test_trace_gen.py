@@ -138,7 +138,8 @@ def test_quality_control_rejects_conflicts():
         (spec("include_keywords", keywords=["river"]), spec("include_keywords", keywords=["river"]), "redundant"),
         (spec("include_keywords", keywords=["very"]), spec("exclude_words", words=["very"]), "contradiction"),
         (spec("json_wrap", key="answer"), spec("bullet_list", n=3), "contradiction"),
-        (spec("end_phrase", phrase="Thanks for reading."), spec("postscript", marker="P.S."), "redundant"),
+        (spec("end_phrase", phrase="Thanks for reading."), spec("postscript", marker="P.S."), "contradiction"),
+        (spec("theme_repeat", topic="chess", k=2), spec("theme_repeat", topic="chess", k=3), "redundant"),
     ]
     for a, b, kind in cases:
         reason = tg.qc_reason(ctx, [a], b)
