@@ -36,6 +36,15 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _reset_peak_rss():
+    """Linux: restart this process's peak-RSS count from the current RSS (so set-up transients do not count)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def kernel_cpu_worker(impl, n_tokens, dim, vocab, trainable, chunk_size, repeats):
     """Runs in a fresh process: time and extra peak RSS of forward + backward; prints one JSON line."""
     import json
@@ -45,9 +54,10 @@ def kernel_cpu_worker(impl, n_tokens, dim, vocab, trainable, chunk_size, repeats
 
     torch.manual_seed(0)
     hidden = torch.randn(n_tokens, dim, requires_grad=True)
-    weight = (0.05 * torch.randn(vocab, dim)).requires_grad_(trainable)
+    weight = torch.randn(vocab, dim).mul_(0.05).requires_grad_(trainable)
     labels = torch.randint(0, vocab, (n_tokens,))
     stand_in = torch.ones(vocab, dim) if trainable else None  # the weight gradient, which every method holds
+    _reset_peak_rss()
     baseline = _peak_rss_bytes()
     del stand_in  # freed now; the real gradient takes its place during the run
     wall, cpu = [], []  # the CPU time (all threads) is the steadier figure on a machine shared with others
