@@ -35,7 +35,9 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    paired with the other as a companion step (recorded in `edit`), so every quadruple verifies 4 ways.
 4. DPO's rejected answer is written to the same instruction with one or two constraints spoiled on purpose
    (the paper asks a model to "comply worse"); it is verified to fail at least one check.
-5. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
+5. --toy (for a few-million-parameter model trained on a CPU): only the surface families in TOY_FAMILIES,
+   C uniform on 1..3, one templated sentence plus what the constraints add (about 10-40 words).
+6. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
 """
 
@@ -798,7 +800,7 @@ class Lookup(Family):
 
 class ToneRegister(Family):
     name, dimension, fields, slot = "tone_register", "Tone and Style", ("style",), "register"
-    phrasings = ["Use a {desc}.", "Adopt a {desc} throughout.", "The tone must be {desc}."]
+    phrasings = ["Use a {desc}.", "Throughout, adopt a {desc}.", "Write in a {desc}."]
     DESC = {"formal": 'formal tone: no contractions (such as "it\'s" or "don\'t") and no exclamation marks',
             "casual": "casual tone: use at least 2 contractions such as \"it's\" or \"don't\"",
             "enthusiastic": "enthusiastic tone: at least 2 sentences ending with an exclamation mark"}
@@ -1584,10 +1586,11 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                     continue
                 specs2, y2, edit = quad
                 ops[edit["op"]] += 1
+                x1, x2 = chat(x1), chat(render_prompt(ctx, specs2))
                 out["sft"].append({"prompt": x1, "response": y1, "checks": specs})
                 out["dpo"].append({"prompt": x1, "chosen": y1, "rejected": rejected, "checks": specs})
-                out["iopo"].append({"x1": x1, "y1": y1, "x2": render_prompt(ctx, specs2), "y2": y2,
-                                    "checks_x1": specs, "checks_x2": specs2, "edit": edit})
+                out["iopo"].append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "checks_x1": specs, "checks_x2": specs2,
+                                    "edit": edit})
                 break
             bar.update(1)
     bar.close()
@@ -1600,12 +1603,15 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
     return out
 
 
+def chat(prompt):
+    """The real set's messages: its fixed system turn, then the rendered instruction (training uses the same)."""
+    return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": prompt}]
+
+
 def eval_record(i, ctx, specs, reference):
     """An item with the real evaluation set's fields (levels2 in English) plus `reference` and `checks`."""
-    prompt = render_prompt(ctx, specs)
     splits = [s["text"] for s in specs]
-    return {"id": str(i), "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                       {"role": "user", "content": prompt}],
+    return {"id": str(i), "messages": chat(render_prompt(ctx, specs)),
             "type": "trace", "description": ctx["description"], "constraints": "\n".join(splits),
             "input": ctx["input"] or "NULL", "constraints_num": len(specs), "constraints_splits": splits,
             "levels2": [s["dimension"] for s in specs], "category": "synthetic", "reference": reference, "checks": specs}

@@ -154,8 +154,11 @@ def test_generated_records_verify_and_render_like_trace():
     """Every emitted pair verifies, DPO losers fail, IOPO crosses fail, and eval items render like the real set."""
     data = tg.generate_data(40, 30, seed=2, progress=False)
     assert len(data["sft"]) == len(data["dpo"]) == len(data["iopo"]) == 40 and len(data["eval"]) == 30
-    for r in data["sft"]:
+    for r, d, q in zip(data["sft"], data["dpo"], data["iopo"]):
         assert all(tg.verified(r["checks"], r["response"])), r["prompt"]
+        assert r["prompt"] == d["prompt"] == q["x1"] and r["response"] == d["chosen"] == q["y1"]
+        assert [m["role"] for m in r["prompt"]] == ["system", "user"] and r["prompt"][0]["content"] == "You are a helpful assistant."
+        assert "\n" + "\n".join(s["text"] for s in r["checks"]) + "\n" in r["prompt"][1]["content"], "constraints not rendered"
     for r in data["dpo"]:
         assert not all(tg.verified(r["checks"], r["rejected"])), "DPO rejected satisfies every constraint"
     for q in data["iopo"]:
