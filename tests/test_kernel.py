@@ -143,6 +143,7 @@ def test_bad_inputs_are_named():
 
 _TRITON_SCRIPT = r"""
 import torch, iopo
+torch.set_num_threads(1)
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
     hidden = torch.randn(2, 29, 16).to(dtype)
