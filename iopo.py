@@ -572,10 +572,11 @@ class Scorer(nn.Module):
         weight = self.model.lm_head.weight
         if weight.dtype != hidden.dtype:  # autocast: a bfloat16 view of the float32 head, gradient flows back
             weight = weight.to(hidden.dtype)
-        logps = token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
         if labels_b is None:
-            return logps
-        return torch.stack([logps, token_logprobs(hidden[:, :-1], weight, labels_b[:, 1:])])  # (2, R, T-1)
+            return token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
+        # Both answers in one kernel call: the hidden states twice (a small (2, R, T, D) copy), two label sets
+        both = torch.stack([labels[:, 1:], labels_b[:, 1:]])  # (2, R, T-1)
+        return token_logprobs(hidden[:, :-1].expand(2, *hidden[:, :-1].shape), weight, both)  # (2, R, T-1)
 
 
 SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
