@@ -49,7 +49,6 @@ import re
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 import random
 
 from tqdm import tqdm
@@ -602,6 +601,18 @@ class PrivacyMask(Family):
         return {"secrets": p["secrets"], "mask": _other(rng, MASKS, p["mask"])}
 
 
+def _word_bounds(spec):
+    p = spec["params"]
+    return {"word_range": lambda: (p["lo"], p["hi"]), "word_max": lambda: (0, p["n"])}.get(spec["family"], lambda: None)()
+
+
+def _words_conflict(p, other, name):
+    a, b = _word_bounds({"family": name, "params": p}), _word_bounds(other)
+    if b and (a[1] < b[0] or b[1] < a[0]):
+        return f"contradiction: word limits {a[0]}-{a[1]} and {b[0]}-{b[1]} do not overlap"
+    return None
+
+
 class WordRange(Family):
     name, dimension, fields, slot = "word_range", "Numerical", ("lo", "hi"), "words"
     phrasings = ["The answer must be between {lo} and {hi} words long.", "Write no fewer than {lo} and no more than {hi} words.",
@@ -620,6 +631,9 @@ class WordRange(Family):
 
     def spoil(self, d, p):
         d.min_words = max(d.min_words, p["hi"] + 1)
+
+    def conflict(self, p, other):
+        return _words_conflict(p, other, self.name)
 
     def revise(self, rng, p, ctx, y1=""):
         lo = p["hi"] + rng.randrange(10, 40, 5)
@@ -643,6 +657,9 @@ class WordMax(Family):
 
     def spoil(self, d, p):
         d.min_words = max(d.min_words, p["n"] + 1)
+
+    def conflict(self, p, other):
+        return _words_conflict(p, other, self.name)
 
 
 class SentenceMin(Family):
@@ -1323,14 +1340,15 @@ def check_item(item, response):
 # Tasks, expansion to C constraints with quality control, and the response writer
 
 
-def make_task(rng, toy):
+def make_task(rng, toy, kinds=None):
     """A task context: topic, description, optional input with the facts constraints may ask about."""
     if toy:
         topic, cat = rng.choice(TOY_TOPICS)
         kind = None
     else:
         topic, cat = rng.choice(TOPICS)
-        kind = rng.choices([k for k, _ in INPUT_KIND_WEIGHTS], [w for _, w in INPUT_KIND_WEIGHTS])[0]
+        options = [(k, w) for k, w in INPUT_KIND_WEIGHTS if kinds is None or k in kinds]
+        kind = rng.choices([k for k, _ in options], [w for _, w in options])[0]
     ctx = {"topic": topic, "category": cat, "input_kind": kind, "toy": toy, "input": None, "habit": rng.choice(CLOSING_PHRASES)}
     if toy:
         ctx.update(description=f"Write a short note about {topic}.", opening=f"Here is a note on {topic}.",
@@ -1381,8 +1399,8 @@ def make_spec(fam, params, phrasing, number):
 
 
 # slots that hold one value: two constraints of one family with different values cannot both be met (two
-# word ranges, two first words, ...); across families only wrappers, endings and list styles exclude each other
-EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "words", "list", "start", "ending", "prior", "process", "sections",
+# first words, two letter cases, ...); word limits compare their numbers (`_word_bounds`); across families only wrappers, endings and list styles exclude each other
+EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "list", "start", "ending", "prior", "process", "sections",
                    "role", "multilingual", "emotion", "template", "positive_example"}
 
 
@@ -1395,6 +1413,9 @@ def qc_reason(ctx, specs, new, skip=None):
         if i == skip:
             continue
         other = FAMILIES[s["family"]]
+        reason = fam.conflict(new["params"], s) or other.conflict(s["params"], new)
+        if reason:
+            return reason
         if fam.slot == other.slot:
             same_family = s["family"] == new["family"]
             if (same_family and s["params"] != new["params"] and fam.slot in EXCLUSIVE_SLOTS) or \
@@ -1403,9 +1424,6 @@ def qc_reason(ctx, specs, new, skip=None):
             return f"redundant: {fam.name} repeats the {fam.slot} of {other.name}"
         if set(fam.tags) & set(other.clashes) or set(other.tags) & set(fam.clashes):
             return f"contradiction: {fam.name} vs {other.name} (line layout)"
-        reason = fam.conflict(new["params"], s) or other.conflict(s["params"], new)
-        if reason:
-            return reason
     return None
 
 
@@ -1445,6 +1463,7 @@ class Sampler:
             ok = [f for f in fams if f.needs in (None, kind)]
             weights = [DIMENSION_WEIGHT[f.dimension] / per_dim[f.dimension] / (share[kind] if f.needs else 1) for f in ok]
             self.by_kind[kind] = (ok, weights)
+        self.kinds = [k for k in share if self.by_kind[k][0]]    # input kinds some chosen family can use
         self.nphr = 2 if toy else None
         self.rejected = Counter()
 
@@ -1567,7 +1586,7 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                 if attempt == 2000:
                     raise RuntimeError(f"no valid {split} item with C={C} from families {families} in 2000 attempts; "
                                        f"rejections so far: {dict(sampler.rejected)} {dict(failures)}")
-                ctx = make_task(rng, toy)
+                ctx = make_task(rng, toy, sampler.kinds)
                 specs = sampler.instruction(rng, ctx, C)
                 if specs is None:
                     continue

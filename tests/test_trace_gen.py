@@ -133,6 +133,7 @@ def test_quality_control_rejects_conflicts():
     cases = [
         (spec("letter_case", case="lower"), spec("letter_case", case="upper"), "contradiction"),
         (spec("word_range", lo=20, hi=80), spec("word_max", n=200), "redundant"),
+        (spec("word_range", lo=60, hi=80), spec("word_max", n=50), "contradiction"),
         (spec("word_range", lo=20, hi=80), spec("word_range", lo=100, hi=200), "contradiction"),
         (spec("start_word", word="Sure"), spec("start_word", word="Well"), "contradiction"),
         (spec("include_keywords", keywords=["river"]), spec("include_keywords", keywords=["river"]), "redundant"),
