@@ -32,13 +32,28 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    pure DELETE (x2 = x1 - c) always lets y1 satisfy x2, so neither alone can give the paper's quadruple
    (both crossed pairs failing). REVISE changes one constraint's parameters (same family and wording). ADD
    inserts a new constraint that y1 violates and DELETE removes one that y2 then violates on purpose; each is
-   paired with the other as a companion step (recorded in `edit`), so every quadruple verifies 4 ways.
+   paired with the other as a companion step (recorded in `edit`), so every quadruple verifies 4 ways; the
+   two differ only in which step is the primary one named by `op`. y2 violates the edited-away constraint
+   only when needed (a revised keyword already makes it fail; a deleted one needs a spoil).
 4. DPO's rejected answer is written to the same instruction with one or two constraints spoiled on purpose
    (the paper asks a model to "comply worse"); it is verified to fail at least one check.
 5. --toy (for a few-million-parameter model trained on a CPU): only the surface families in TOY_FAMILIES,
    C uniform on 1..3, one templated sentence plus what the constraints add (about 10-40 words).
-6. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
+6. Answers are templated English sentences, not fluent prose: enough for exact checking and for a small
+   model to learn which constraint asks for what, not a substitute for a strong model's answers.
+7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
+
+Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
+"family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
+  sft.jsonl   {"prompt": [system, user], "response", "checks"}
+  dpo.jsonl   {"prompt", "chosen", "rejected", "checks"}
+  iopo.jsonl  {"x1", "y1", "x2", "y2", "checks_x1", "checks_x2",
+               "edit": {"op", "index", "before", "after", "companion"}}   (index: in x1 for DELETE and
+               REVISE, in x2 for ADD; before / after: the specs, or null)
+  eval.jsonl  the real set's fields (id, messages, type, description, constraints, input, constraints_num,
+              constraints_splits, levels2 in English, category) plus "reference" and "checks"
+  stats.json  C histograms, type shares and dimension counts per split, QC rejections by reason, edit ops.
 """
 
 import argparse
