@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 from tqdm import tqdm
@@ -414,6 +415,22 @@ def word_tokens(text):
 # keyword checks treat keywords as regular expressions, the bullet count also counts "-" lines, and so on.
 
 
+def _is_word_char(ch):
+    # NLTK (3.9+) matches its r"\w+" with the `regex` engine, whose \w also takes combining marks and the
+    # zero-width (non-)joiners; Python's re would cut Indic words at every vowel sign.
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch) in ("Mn", "Mc", "Me") or ch in "\u200c\u200d"
+
+
+def count_words(text):
+    """Number of word-character runs (NLTK's r"\\w+" RegexpTokenizer), IFEval's word count."""
+    count, inside = 0, False
+    for ch in text:
+        word = _is_word_char(ch)
+        count += word and not inside
+        inside = word
+    return count
+
+
 def _compare(actual, relation, n):
     if relation == "less than":
         return actual < n
@@ -503,8 +520,7 @@ IFEVAL_CHECKS = {  # instruction id -> check(response, **kwargs) -> bool
     "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
         len(split_sentences(r)), relation, num_sentences),
     "length_constraints:number_paragraphs": lambda r, num_paragraphs: _paragraphs_ok(r, num_paragraphs),
-    "length_constraints:number_words": lambda r, num_words, relation: _compare(
-        len(re.findall(r"\w+", r)), relation, num_words),
+    "length_constraints:number_words": lambda r, num_words, relation: _compare(count_words(r), relation, num_words),
     "length_constraints:nth_paragraph_first_word": _nth_paragraph_ok,
     "detectable_content:number_placeholders": lambda r, num_placeholders: len(
         re.findall(r"\[.*?\]", r)) >= num_placeholders,

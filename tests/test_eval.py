@@ -101,6 +101,13 @@ def test_every_ifeval_type_is_covered():
     assert not one_sided, f"types without both a pass and a fail case: {one_sided}"
 
 
+def test_word_count_keeps_indic_vowel_signs():
+    """Words are r"\\w+" runs as NLTK's regex engine matches them: vowel signs and joiners stay inside a word."""
+    cases = {"ಹೌದು, ಹ್ಯಾಂಬರ್ಗರ್ಗಳು ಸ್ಯಾಂಡ್\u200cವಿಚ್": 3, "नमस्ते दुनिया": 2, "it's well-known_fact 3.5": 6}
+    got = {text: E.count_words(text) for text in cases}
+    assert got == cases, got
+
+
 def test_empty_response_fails_everything():
     """An answer that is blank after strip() follows no instruction, strict or loose (even 'no comma')."""
     for inst_id in ("punctuation:no_comma", "keywords:forbidden_words", "language:response_language"):
