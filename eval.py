@@ -494,6 +494,7 @@ def _json_ok(r):
 
 
 def _postscript_ok(r, marker):
+    marker = marker.strip()
     if marker == "P.P.S":
         pattern = r"\s*p\.\s?p\.\s?s.*$"
     elif marker == "P.S.":
@@ -532,7 +533,7 @@ IFEVAL_CHECKS = {  # instruction id -> check(response, **kwargs) -> bool
         a in r.strip() for a in ("My answer is yes.", "My answer is no.", "My answer is maybe.")),
     "detectable_format:number_highlighted_sections": lambda r, num_highlights: _count_highlights(r) >= num_highlights,
     "detectable_format:multiple_sections": lambda r, section_spliter, num_sections: len(
-        re.split(r"\s?" + section_spliter + r"\s?\d+\s?", r)) - 1 >= num_sections,
+        re.split(r"\s?" + section_spliter.strip() + r"\s?\d+\s?", r)) - 1 >= num_sections,
     "detectable_format:json_format": _json_ok,
     "detectable_format:title": lambda r: any(
         t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", r)),
