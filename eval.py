@@ -257,21 +257,28 @@ class _PunktToken:
         return self.type_no_period() if self.sentbreak else self.type
 
 
+# Common words that NLTK's English table has seen lower-case but never capitalised mid-sentence: capitalised,
+# they are taken as a sure sentence start (read off punkt_tab/english/ortho_context.tab for our stopwords).
+_PUNKT_SURE_STARTERS = set("""her indeed instead into moreover nevertheless nonetheless nor separately similarly so
+such them though thus very were which yet your""".split())
+
+
 def _ortho_says_start(tok, seen):
     """Punkt's orthographic heuristic: True / False / 'unknown' for 'tok starts a sentence'.
 
-    NLTK reads the flags from its table; we use how the word is written elsewhere in the same text (`seen`:
-    lower-case type -> {"lower", "mid_upper"}), and assume function words are also seen capitalised mid-sentence
-    (in titles), as the table records for almost all of them.
+    NLTK reads the flags from its table. We know them for common words (most are also seen capitalised
+    mid-sentence, in titles: 'unknown'); for other words we use how the word is written elsewhere in the same
+    text (`seen`: lower-case type -> {"lower", "mid_upper"}).
     """
     if tok.tok in (";", ":", ",", ".", "!", "?"):
         return False
     if tok.first_lower:  # NLTK: lower-case and either seen capitalised or never seen starting a sentence
         return False
-    flags = seen.get(tok.type_no_sentperiod(), ())
-    if "lower" in flags and "mid_upper" not in flags and tok.type_no_sentperiod() not in _STOPWORDS["latin"]["en"]:
-        return True
-    return "unknown"
+    word = tok.type_no_sentperiod()
+    if word in _STOPWORDS["latin"]["en"] or word in _PUNKT_SENT_STARTERS:
+        return True if word in _PUNKT_SURE_STARTERS else "unknown"
+    flags = seen.get(word, ())
+    return True if "lower" in flags and "mid_upper" not in flags else "unknown"
 
 
 def _seen_lowercase(word_type, seen):
