@@ -1048,7 +1048,7 @@ class ToyConfig:
     sft_lr: float = 6e-3  # SFT peak learning rate (a from-scratch toy wants far more than the paper's 1e-4)
     sft_batch: int = 16  # instructions per SFT step
     pref_steps: int = 80  # DPO / IOPO optimizer steps, one pass over the first pref_steps * pref_batch instructions
-    pref_lr: float = 2e-4  # DPO / IOPO peak learning rate
+    pref_lr: float = 5e-5  # DPO / IOPO peak learning rate
     pref_batch: int = 8  # instructions per DPO / IOPO step (IOPO: 4 sequences each, DPO: 2)
     beta: float = 0.1  # DPO / IOPO beta
     max_new_tokens: int = 96  # generation budget per evaluation answer
