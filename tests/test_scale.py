@@ -3,8 +3,7 @@
 import json
 import os
 import socket
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ import iopo
 import model as M
 from data import COLLATORS, EncodedDataset, RecordFile, collate_packed, pack_pair, packed_attention_mask
 from test_train import write_data
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port():
@@ -29,16 +26,23 @@ def _rank_main(rank, world, port, argv_list):
     # What torchrun does for each process, minus a fresh interpreter: the environment that
     # iopo.setup_distributed reads. One process group per iopo.main call, each on its own port.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
     for argv, p in zip(argv_list, port):
         os.environ["MASTER_PORT"] = str(p)
         iopo.main(argv)
 
 
-def run_ranks(argv_list, world=2):
+def run_ranks(argv_list, world=2, timeout=120):
     """Run iopo.main(argv) for each argv in turn on `world` forked processes (gloo): torchrun's environment,
-    without paying for a fresh Python and torch import per process."""
+    without paying for a fresh Python and torch import per process. A hang fails the test after `timeout` s."""
     ports = [free_port() for _ in argv_list]
-    mp.start_processes(_rank_main, args=(world, ports, argv_list), nprocs=world, start_method="fork")
+    ctx = mp.start_processes(_rank_main, args=(world, ports, argv_list), nprocs=world, start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):  # raises if a process failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{world} processes did not finish {argv_list} within {timeout} s")
 
 
 def argv(method, base, data, out, **kw):
