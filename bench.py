@@ -3,6 +3,7 @@
     python bench.py --kernel      # fused log-prob kernel vs log_softmax + gather (iopo.py)
     python bench.py --generate    # generation with the KV cache vs recomputing the prefix; load time (model.py)
     python bench.py --train       # SFT vs DPO vs IOPO step time and peak memory (iopo.py)
+    python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (about 1 min on an H100)
 
 Figures go into the README together with the command that produced them. Nothing here is asserted in a
 test: timings depend on the machine.
