@@ -24,7 +24,8 @@ Simplifications and departures:
   1. Only the last assistant turn of a conversation is scored; earlier turns are part of the prompt.
   2. The scored response ends at the end-of-turn token; LLaMA-Factory's Qwen template also scores the
      newline that follows `<|im_end|>`, which generation never produces, so we leave it out.
-  3. No packing of several examples into one row, no multimodal inputs, no tool calls.
+  3. No packing of several examples into one row (only the two answers to one prompt share a row, with
+     the trainer's --pack: collate_packed), no multimodal inputs, no tool calls.
 """
 
 import argparse
