@@ -1471,22 +1471,25 @@ class Sampler:
         fams = [FAMILIES[f] for f in families]
         per_dim = Counter(f.dimension for f in fams)
         share = dict(INPUT_KIND_WEIGHTS)
-        # families that read an input are drawn only for tasks that have that input, boosted by 1 / P(input
-        # kind) so that their dimensions keep roughly their target share overall
+        # like the paper's expansion step, proposals ignore the input and quality control rejects those that
+        # refer to an input the task lacks ("incomplete"); a family is boosted by 1 / P(input kind) on tasks
+        # with its input, so that its dimension keeps roughly its target share overall
         self.by_kind = {}
         for kind in share:
-            ok = [f for f in fams if f.needs in (None, kind)]
-            weights = [DIMENSION_WEIGHT[f.dimension] / per_dim[f.dimension] / (share[kind] if f.needs else 1) for f in ok]
-            self.by_kind[kind] = (ok, weights)
-        self.kinds = [k for k in share if self.by_kind[k][0]]    # input kinds some chosen family can use
+            weights = [DIMENSION_WEIGHT[f.dimension] / per_dim[f.dimension] / (share[kind] if f.needs == kind else 1)
+                       for f in fams]
+            self.by_kind[kind] = (fams, weights)
+        # input kinds that some chosen family can use
+        self.kinds = [k for k in share if any(f.needs in (None, k) for f in fams)]
         self.nphr = 2 if toy else None
         self.rejected = Counter()
 
     def propose(self, rng, ctx, specs, number, skip=None):
         fams, weights = self.by_kind[ctx["input_kind"]]
-        if not fams:
-            return None
         fam = rng.choices(fams, weights)[0]
+        if fam.needs and fam.needs != ctx["input_kind"]:
+            self.rejected[f"incomplete: {fam.name} refers to a {fam.needs} input the task lacks"] += 1
+            return None
         params = fam.sample(rng, ctx)
         spec = make_spec(fam, params, rng.randrange(self.nphr or len(fam.phrasings)), number)
         reason = qc_reason(ctx, specs, spec, skip)

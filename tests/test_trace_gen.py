@@ -149,6 +149,8 @@ def test_quality_control_rejects_conflicts():
     assert tg.qc_reason(ctx, [], table).startswith("incomplete"), "table constraint accepted without a table"
     stats = tg.generate_data(60, 10, seed=1, progress=False)["stats"]
     assert stats["qc_rejected_total"] > 0 and all(":" in r for r in stats["qc_rejected"]), stats["qc_rejected"]
+    kinds = {r.split(":")[0] for r in stats["qc_rejected"]}
+    assert {"incomplete", "redundant", "contradiction"} <= kinds, f"rejection kinds seen: {kinds}"
 
 
 def test_generated_records_verify_and_render_like_trace():
