@@ -17,7 +17,7 @@ What we simplify or leave out:
    abbreviation list, but no learned orthographic table) and a Treebank-style tokenizer for counting
    capitalised words. Where these can disagree with the libraries is listed in the README.
 3. Two IFEval prompts ask for the frequency of "#" / "!" in `letter_frequency`; the official code swaps in a
-   random letter there, we count the character that was asked for.
+   random letter there, so its verdict is random; we give the verdict it reaches for most letters.
 """
 
 import argparse
@@ -511,6 +511,16 @@ def _postscript_ok(r, marker):
     return bool(re.findall(pattern, r.lower(), flags=re.MULTILINE))
 
 
+def _letter_frequency_ok(r, letter, frequency, relation):
+    counts = collections.Counter(r.lower())
+    letter = letter.strip().lower()
+    if len(letter) == 1 and "a" <= letter <= "z":
+        return _compare(counts[letter], relation, frequency)
+    # Not a letter (keys 1122 "#" and 1129 "!"): the official code checks a random letter instead, so we give
+    # the verdict it reaches for most of the 26 letters, which is the one it most likely gives.
+    return sum(_compare(counts[c], relation, frequency) for c in "abcdefghijklmnopqrstuvwxyz") > 13
+
+
 def _language_is(r, language):
     found = detect_language(r)
     return found is None or found == language  # no usable letters: counted as followed, like the official code
@@ -522,8 +532,8 @@ IFEVAL_CHECKS = {  # instruction id -> check(response, **kwargs) -> bool
         len(re.findall(keyword.strip(), r, flags=re.IGNORECASE)), relation, frequency),
     "keywords:forbidden_words": lambda r, forbidden_words: not any(
         re.search(r"\b" + w + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
-    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: _compare(
-        collections.Counter(r.lower())[letter.strip().lower()], let_relation, let_frequency),
+    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: _letter_frequency_ok(
+        r, letter, let_frequency, let_relation),
     "language:response_language": lambda r, language: _language_is(r, language),
     "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
         len(split_sentences(r)), relation, num_sentences),

@@ -23,6 +23,10 @@ IFEVAL_CASES = [
     ("keywords:forbidden_words", {"forbidden_words": ["cat"]}, "My Cat sleeps.", False, False),
     ("keywords:letter_frequency", {"letter": "A", "let_frequency": 3, "let_relation": "at least"}, "Banana", True, True),
     ("keywords:letter_frequency", {"letter": "z", "let_frequency": 1, "let_relation": "less than"}, "Zebra", False, False),
+    # "#" is not a letter: the official code checks a random letter, we give its most likely verdict
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"},
+     "The quick brown fox jumps over the lazy dog", True, True),
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"}, "#####", False, False),
     ("language:response_language", {"language": "ko"}, "날씨가 좋아서 우리는 시장에 갔습니다.", True, True),
     ("language:response_language", {"language": "ko"}, "The weather was nice so we went out.", False, False),
     ("language:response_language", {"language": "de"}, "1234 !!! ???", True, True),  # no letters: followed
