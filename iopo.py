@@ -984,7 +984,13 @@ def train(cfg):
         row["tokens_per_s"] = n_tokens * world / elapsed
         if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and (is_main() or cfg.fsdp):
             model.eval()
-            ref_held = None if ref_all is None else ref_all[heldout.indices]
+            if ref_all is not None:
+                ref_held = ref_all[heldout.indices]
+            elif ref_scorer is not None:  # --ref-on-the-fly: the held-out slice's reference, now
+                with adapters_disabled(model):
+                    ref_held = reference_logps(ref_scorer, heldout, cfg, device, autocast)
+            else:
+                ref_held = None
             row.update(evaluate_loss(scorer, heldout, ref_held, cfg, device, autocast))
             model.train()
         if is_main():
