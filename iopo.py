@@ -690,7 +690,8 @@ def barrier():
 # Checkpoints: HF weights (model.py), plus what an exact resume needs. All tensors go to safetensors, the
 # rest to JSON; the folder is written under a temporary name and renamed once complete.
 
-def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, lora):
+def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, lora, rank_rng=None):
+    """Write checkpoint folder `path` atomically. rank_rng: every process's generator states (torchrun)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -705,6 +706,7 @@ def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, l
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
+    tensors.update({f"rng.{name}": state for name, state in (rank_rng or {}).items()})
     save_file(tensors, tmp / "trainer_state.safetensors")
     state = {"step": step, "sampler": sampler.state_dict(), "param_groups": opt["param_groups"],
              "python_rng": random.getstate(), "config": asdict(cfg)}
@@ -718,7 +720,8 @@ def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, l
         os.replace(tmp, path)
 
 
-def load_trainer_state(path, model, optimizer, sampler, lora):
+def load_trainer_state(path, model, optimizer, sampler, lora, rank=0, device=None):
+    """Restore adapters, optimizer, data position and generators from a checkpoint; returns its step."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
     with safe_open(path / "trainer_state.safetensors", framework="pt") as f:
@@ -742,7 +745,26 @@ def load_trainer_state(path, model, optimizer, sampler, lora):
         torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+    if f"rng.cpu.rank{rank}" in tensors:  # under torchrun each process continues with its own generators
+        torch.set_rng_state(tensors[f"rng.cpu.rank{rank}"])
+    if f"rng.cuda.rank{rank}" in tensors and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
     return state["step"]
+
+
+def gather_rng_states(device, world):
+    """{"cpu.rank{r}": state, ...} for every process (each draws its own dropout masks); {} for one process."""
+    if world == 1:
+        return {}
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    states = {}
+    for name, state in mine.items():
+        gathered = [torch.empty_like(state, device=device) for _ in range(world)]
+        dist.all_gather(gathered, state.to(device))
+        states.update({f"{name}.rank{r}": s.cpu() for r, s in enumerate(gathered)})
+    return states
 
 
 def latest_checkpoint(path):
@@ -788,6 +810,33 @@ def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
     return {f"eval/{k}": v / n_batches for k, v in totals.items()}
+
+
+def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast):
+    """(ref_all, ref_scorer): the cached (N, k) reference log-probs of every example, or (with
+    --ref-on-the-fly) the network that computes them at each step; the other one is None."""
+    if cfg.ref_on_the_fly:
+        # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
+        if lora:
+            return None, scorer
+        return None, Scorer(load_model(cfg.model, dtype=load_dtype, device=device)).requires_grad_(False)
+    cache = Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{reference_cache_key(cfg, cfg.model)}.safetensors"
+    if not cache.is_file() and is_main():
+        if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
+            ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device))
+        else:
+            ref = scorer
+        ref.eval()
+        with adapters_disabled(model):
+            ref_all = reference_logps(ref, dataset, cfg, device, autocast)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
+    barrier()
+    with safe_open(cache, framework="pt") as f:
+        ref_all = f.get_tensor("ref_logps")
+    if len(ref_all) != len(dataset):
+        raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
+    return ref_all, None
 
 
 PAD_ID = [0]  # set from the tokenizer in train(); collators need it
@@ -853,29 +902,8 @@ def train(cfg):
                 else contextlib.nullcontext)
 
     # Reference log-probs: once, before training, from the starting weights (cached on disk), or per step.
-    ref_all, ref_scorer = None, None
-    if kind != "sft":
-        if cfg.ref_on_the_fly:
-            # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
-            ref_scorer = scorer if lora else Scorer(load_model(cfg.model, dtype=load_dtype, device=device)).requires_grad_(False)
-        else:
-            cache = out.parent / "ref_cache" / f"{kind}-{reference_cache_key(cfg, cfg.model)}.safetensors"
-            if not cache.is_file() and is_main():
-                if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
-                    ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device))
-                else:
-                    ref = scorer
-                ref.eval()
-                with adapters_disabled(model):
-                    ref_all = reference_logps(ref, dataset, cfg, device, autocast)
-                del ref
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
-            barrier()
-            with safe_open(cache, framework="pt") as f:
-                ref_all = f.get_tensor("ref_logps")
-            if len(ref_all) != len(dataset):
-                raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
+    ref_all, ref_scorer = (None, None) if kind == "sft" else prepare_reference(
+        cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast)
 
     if cfg.fsdp:  # FSDP2: each block's tensors become shards (DTensors), gathered only for its forward/backward
         from torch.distributed.fsdp import fully_shard
@@ -894,13 +922,7 @@ def train(cfg):
     random.seed(cfg.seed)
     start = 0
     if resume_dir is not None:
-        start = load_trainer_state(resume_dir, model, optimizer, sampler, lora)
-        if world > 1 and (resume_dir / "rng_ranks.safetensors").is_file():  # this process's own generators
-            with safe_open(resume_dir / "rng_ranks.safetensors", framework="pt") as f:
-                if f"cpu.rank{rank}" in f.keys():
-                    torch.set_rng_state(f.get_tensor(f"cpu.rank{rank}"))
-                if f"cuda.rank{rank}" in f.keys() and device.type == "cuda":
-                    torch.cuda.set_rng_state(f.get_tensor(f"cuda.rank{rank}"), device)
+        start = load_trainer_state(resume_dir, model, optimizer, sampler, lora, rank, device)
         if is_main():
             print(f"resumed from {resume_dir} at step {start}")
     ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
@@ -1004,20 +1026,10 @@ def train(cfg):
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            rng = {}
-            if world > 1:  # every process draws its own dropout masks: keep each one's generators
-                mine = {"cpu": torch.get_rng_state()}
-                if device.type == "cuda":
-                    mine["cuda"] = torch.cuda.get_rng_state(device)
-                for name, state in mine.items():
-                    gathered = [torch.empty_like(state, device=device) for _ in range(world)]
-                    dist.all_gather(gathered, state.to(device))
-                    rng.update({f"{name}.rank{r}": s.cpu() for r, s in enumerate(gathered)})
+            rank_rng = gather_rng_states(device, world)  # a collective: every process takes part
             if is_main():
                 last_ckpt = out / f"checkpoint-{step + 1}"
-                save_checkpoint(last_ckpt, model, cfg.model, optimizer, sampler, step + 1, cfg, lora)
-                if rng:
-                    write_atomic(last_ckpt / "rng_ranks.safetensors", lambda tmp: save_file(rng, tmp))
+                save_checkpoint(last_ckpt, model, cfg.model, optimizer, sampler, step + 1, cfg, lora, rank_rng)
             barrier()
     bar.close()
     final = out / "final"
