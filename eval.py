@@ -2,9 +2,10 @@
 
 Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help`):
 
-    python eval.py trace  --data runs/toy/eval.jsonl --model runs/toy/iopo --out runs/toy/eval_iopo
+    python trace_gen.py --out runs/toy_data --n-train 2000 --n-eval 200 --seed 0 --toy   # items with checks
+    python eval.py trace  --data runs/toy_data/eval.jsonl --model CHECKPOINT_DIR --out runs/eval/toy
     python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model /ckpt/Qwen2-7B-Instruct --out runs/ifeval
-    python eval.py compare runs/toy/eval_sft/report.json runs/toy/eval_iopo/report.json
+    python eval.py compare runs/eval/toy runs/ifeval         # Table 3 layout, one row per --label
 
 Follows: IOPO (arXiv 2411.06208) Table 3 for the metric set; CFBench (arXiv 2408.01122) for CSR / ISR / PSR;
 IFEval (arXiv 2311.07911) for its 25 verifiable instruction types, strict and loose.
@@ -14,8 +15,8 @@ What we simplify or leave out:
    paper; our CFBench numbers are those formulas applied to the same per-constraint verdicts.
 2. IFEval's official scorer calls langdetect and NLTK. We re-implement what it needs from scratch: a
    script-and-stopword language identifier, a Punkt-style English sentence splitter (NLTK's learned
-   abbreviation list, but no learned orthographic table) and a Treebank-style tokenizer for counting
-   capitalised words. Where these can disagree with the libraries is listed in the README.
+   abbreviation list; its 20k-word orthographic table replaced by the text's own spelling) and a
+   Treebank-style tokenizer for counting capitalised words. Where these can disagree is listed in the README.
 3. Two IFEval prompts ask for the frequency of "#" / "!" in `letter_frequency`; the official code swaps in a
    random letter there, so its verdict is random; we give the verdict it reaches for most letters.
 """

@@ -62,7 +62,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--input", required=True)
     ap.add_argument("--responses", required=True, nargs="+")
-    ap.add_argument("--cross", type=int, default=0, help="also judge each prompt's instructions on N other responses")
+    ap.add_argument("--cross", type=int, default=0, help="also judge each prompt's instructions on N of the responses")
     ap.add_argument("--show", type=int, default=5, help="print up to N disagreements per type")
     args = ap.parse_args()
     import logging
@@ -81,7 +81,7 @@ def main():
     if args.cross:
         for i, inp in enumerate(inputs):
             for j in range(args.cross):
-                pairs.append((inp, texts[(i * 7 + j * 13) % len(texts)], False))
+                pairs.append((inp, texts[(i + j) % len(texts)], False))
     agree = collections.defaultdict(lambda: [0, 0])
     shown = collections.Counter()
     for inp, resp, matched in pairs:
