@@ -671,9 +671,10 @@ def file_digest(paths):
 
 
 def reference_cache_key(cfg, tokenizer_dir):
-    """A name that changes whenever the data, the tokenizer, the reference weights or the cut length change."""
+    """A name that changes whenever the data, the tokenizer, the reference weights, the cut length or the
+    compute dtype change."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
-    parts = [cfg.method, str(cfg.max_len), file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]),
+    parts = [cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0), file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]),
              file_digest(weights)]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
 
