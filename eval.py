@@ -803,7 +803,12 @@ def _read_responses(path, key):
 def _label(args):
     if args.label:
         return args.label
-    return Path(args.model).name if args.model else Path(args.responses).stem
+    if not args.model:
+        return Path(args.responses).stem
+    path = Path(args.model).resolve()
+    if path.name == "final":  # iopo.py's output layout: RUN/final and RUN/checkpoint-N are named after RUN
+        return path.parent.name
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
 def cmd_trace(args):

@@ -350,3 +350,14 @@ def test_cli_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match="needs 'prompt' and a string 'response'"):
         E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--responses", str(rows),
                 "--out", str(tmp_path / "o")])
+
+
+def test_default_labels_name_the_run_not_its_final_folder(tmp_path):
+    """Without --label, RUN/final is labelled RUN and RUN/checkpoint-N RUN/checkpoint-N, so compare keeps runs apart."""
+    from argparse import Namespace
+    import eval as E
+    label = lambda model: E._label(Namespace(label=None, model=str(model), responses=None))
+    assert label(tmp_path / "sft" / "final") == "sft"
+    assert label(tmp_path / "iopo" / "checkpoint-40") == "iopo/checkpoint-40"
+    assert label(tmp_path / "Qwen2-7B-Instruct") == "Qwen2-7B-Instruct"
+    assert E._label(Namespace(label=None, model=None, responses="runs/gpt4.jsonl")) == "gpt4"
