@@ -1,6 +1,6 @@
 """IOPO: preference training on (input, output) quadruples, with SFT and DPO beside it for comparison.
 
-    python iopo.py                                                  # the toy reproduction on a CPU (about 3 minutes)
+    python iopo.py                                                  # the toy reproduction on a CPU (about 2 minutes)
     python iopo.py iopo --model toy --data runs/toy/seed0/data/iopo.jsonl --out runs/my_iopo --max-steps 50
     python iopo.py iopo --model ~/models/Qwen2-7B-Instruct --data trace_iopo.jsonl --out runs/q7 \
         --lora-rank 8 --dtype bfloat16 --grad-checkpointing --max-len 6000        # a real checkpoint on a GPU
