@@ -150,3 +150,20 @@ def test_bad_data_fails_before_training(toy_dir, tmp_path):
     with pytest.raises(DataError, match=r'bad\.jsonl:2: .*"y2"'):
         iopo.train(iopo.TrainConfig(method="iopo", model="toy", data=str(bad), out=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "base").exists(), "nothing should be built for a bad file"
+
+
+def test_toy_reproduction_end_to_end(tmp_path, capsys):
+    """`python iopo.py toy` at a tiny scale: data, tokenizer, SFT, DPO, IOPO and both ablations, scored and tabled."""
+    iopo.main(["toy", "--out", str(tmp_path), "--n-train", "40", "--n-eval", "10", "--vocab", "300",
+               "--sft-steps", "3", "--sft-batch", "4", "--pref-steps", "2", "--pref-batch", "2",
+               "--max-new-tokens", "8", "--ablations"])
+    results = json.loads((tmp_path / "seed0" / "results.json").read_text())
+    labels = ["SFT", "DPO", "IOPO", "IOPO w/o input pref", "IOPO w/o output pref"]
+    assert list(results) == labels, list(results)
+    for label, metrics in results.items():
+        assert set(metrics) >= {"IF-S", "IF-M", "CSR", "ISR", "PSR"}, (label, metrics)
+        assert all(0.0 <= metrics[k] <= 100.0 for k in ("IF-S", "IF-M", "CSR", "ISR", "PSR")), (label, metrics)
+    table = capsys.readouterr().out
+    assert all(f"| {label} |" in table for label in labels), table
+    iopo_rows = [json.loads(l) for l in (tmp_path / "seed0" / "iopo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(iopo_rows) == 2 and "accuracy/input" in iopo_rows[0], iopo_rows
