@@ -98,6 +98,7 @@ def main():
                 r = json.loads(l)
                 responses.setdefault(r["prompt"], r["response"])
     pairs = [(inp, responses[inp["prompt"]], True) for inp in inputs if inp["prompt"] in responses]
+    print(f"{len(responses)} response texts read; {len(pairs)} of them answer a prompt of {args.input}")
     texts = [t for t in responses.values()]
     if args.cross:
         for i, inp in enumerate(inputs):
