@@ -24,7 +24,6 @@ What we simplify or leave out:
 import argparse
 import collections
 import json
-import os
 import re
 import sys
 import unicodedata
@@ -60,13 +59,10 @@ def read_jsonl(path):
 
 
 def write_atomic(path, text):
-    """Write text to path through a temporary file in the same folder, so a crash never leaves half a file."""
+    """Write text to path through a temporary file in the same folder (model.write_atomic), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    M.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_jsonl(path, rows):
