@@ -1090,7 +1090,8 @@ class ToyConfig:
 
 def toy_reproduction(tc):
     """Generate data, train SFT -> {DPO, IOPO, ablations}, evaluate all, print and save the comparison table."""
-    import eval as evaluation  # eval.py imports this file's neighbours only; imported here to keep startup light
+    # Data generation and scoring sit upstream and downstream of training; only this function needs them.
+    import eval as evaluation
     import trace_gen
 
     root = Path(tc.out) / f"seed{tc.seed}"
@@ -1103,8 +1104,7 @@ def toy_reproduction(tc):
     n_pref = tc.pref_steps * tc.pref_batch  # DPO and IOPO see the same instructions, once each
     for kind in ("dpo", "iopo"):
         files[kind] = root / "data" / f"{kind}_first{n_pref}.jsonl"
-        write_atomic(files[kind], lambda tmp, k=kind: Path(tmp).write_text(
-            "".join(json.dumps(r) + "\n" for r in data[k][:n_pref])))
+        evaluation.write_jsonl(files[kind], data[kind][:n_pref])
     print(f"[{time.time() - t0:5.0f}s] data: {len(data['sft'])} training instructions, {len(data['eval'])} eval items "
           f"-> {root / 'data'}")
 
@@ -1132,12 +1132,12 @@ def toy_reproduction(tc):
                                                   progress=False)
         report = {"label": label, **evaluation.score_trace(items, responses)}
         write_json_atomic(Path(path).parent / "eval_report.json", report)
-        write_atomic(Path(path).parent / "eval_responses.jsonl", lambda tmp, r=responses: Path(tmp).write_text(
-            "".join(json.dumps({"id": item["id"], "response": resp}) + "\n" for item, resp in zip(items, r))))
+        evaluation.write_jsonl(Path(path).parent / "eval_responses.jsonl",
+                               [{"id": item["id"], "response": r} for item, r in zip(items, responses)])
         reports.append(report)
         print(f"[{time.time() - t0:5.0f}s] evaluated {label}")
     table = evaluation.compare_table(reports)
-    write_atomic(root / "results.md", lambda tmp: Path(tmp).write_text(table))
+    evaluation.write_atomic(root / "results.md", table)
     write_json_atomic(root / "results.json", {r["label"]: r["metrics"] for r in reports})
     print(f"\nSynthetic TRACE, {len(items)} held-out items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}")
     return reports
