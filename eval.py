@@ -39,23 +39,11 @@ import trace_gen
 
 
 def read_jsonl(path):
-    """Read a JSONL file into a list of dicts; a bad line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno} is not valid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                raise SystemExit(f"error: {path}:{lineno} should hold a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    """Read a JSONL file into a list of dicts; a bad line stops the command with its file and line."""
+    try:
+        return [rec for _, rec in trace_gen.read_jsonl(path)]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def write_atomic(path, text):

@@ -1680,23 +1680,33 @@ def summarize(label_lists):
             "dimension_counts": {d: dims[d] for d in DIMENSION_TYPE if dims[d]}, "unmapped_labels": dict(unmapped)}
 
 
-def file_stats(path):
-    """summarize() over a TRACE-format jsonl: levels2 labels, else the dimensions of checks / checks_x1."""
-    labels = []
+def read_jsonl(path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is a ValueError naming file:line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if "levels2" in rec:
-                labels.append(list(rec["levels2"]))
-            elif "checks" in rec or "checks_x1" in rec:
-                labels.append([c["dimension"] for c in rec.get("checks", rec.get("checks_x1"))])
-            else:
-                raise ValueError(f"{path}:{lineno}: expected a 'levels2', 'checks' or 'checks_x1' field")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno} should hold a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def file_stats(path):
+    """summarize() over a TRACE-format jsonl: levels2 labels, else the dimensions of checks / checks_x1."""
+    labels = []
+    for lineno, rec in read_jsonl(path):
+        if "levels2" in rec:
+            labels.append(list(rec["levels2"]))
+        elif "checks" in rec or "checks_x1" in rec:
+            labels.append([c["dimension"] for c in rec.get("checks", rec.get("checks_x1"))])
+        else:
+            raise ValueError(f"{path}:{lineno}: expected a 'levels2', 'checks' or 'checks_x1' field")
     return summarize(labels)
 
 
