@@ -654,7 +654,7 @@ def reference_logps(scorer, dataset, cfg, device, autocast):
     for s in tqdm(range(0, len(dataset), cfg.ref_batch_size), desc="reference log-probs", leave=False,
                   disable=not is_main()):
         batch = to_device(collate([dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))],
-                                  PAD_ID[0]), device)
+                                  dataset.tokenizer.pad_token_id), device)
         with autocast():
             token_logps = scorer(**batch)
         out.append(token_logps.sum(-1).float().view(k, -1).T.cpu())  # (B, k)
@@ -815,7 +815,8 @@ def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
     with torch.no_grad():
         for s in range(0, len(dataset), cfg.batch_size):
             idx = list(range(s, min(s + cfg.batch_size, len(dataset))))
-            batch = reference_rows(cfg, to_device(collate([dataset[i] for i in idx], PAD_ID[0]), device))
+            batch = reference_rows(cfg, to_device(collate([dataset[i] for i in idx], dataset.tokenizer.pad_token_id),
+                                                  device))
             with autocast():
                 token_logps = scorer(**batch)
             loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"],
@@ -851,9 +852,6 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
     if len(ref_all) != len(dataset):
         raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
     return ref_all, None
-
-
-PAD_ID = [0]  # set from the tokenizer in train(); collators need it
 
 
 def train(cfg):
@@ -894,7 +892,6 @@ def train(cfg):
         barrier()
         cfg.model = str(out / "base")
     tok = load_tokenizer(cfg.model)
-    PAD_ID[0] = tok.pad_token_id
     dataset = EncodedDataset(records, kind, tok, max_len=cfg.max_len)
     train_set, heldout = holdout_split(dataset, cfg.eval_size, seed=cfg.seed) if cfg.eval_size else (dataset, None)
     if cfg.batch_size % world:
