@@ -14,15 +14,17 @@ What we simplify or leave out:
 1. TRACE constraints are judged by trace_gen.py's deterministic checkers, not by a GPT-4o judge as in the
    paper; our CFBench numbers are those formulas applied to the same per-constraint verdicts.
 2. IFEval's official scorer calls langdetect and NLTK. We re-implement what it needs from scratch: a
-   script-and-stopword language identifier, a Punkt-style English sentence splitter (NLTK's learned
-   abbreviation list; its 20k-word orthographic table replaced by the text's own spelling) and a
-   Treebank-style tokenizer for counting capitalised words. Where these can disagree is listed in the README.
+   script-and-stopword language identifier, a Punkt-style English sentence splitter (on NLTK's learned
+   English tables: abbreviations, sentence starters, collocations, and in punkt_english.txt which words it
+   saw in lower case) and a Treebank-style tokenizer for counting capitalised words. Where these can
+   disagree is listed in the README.
 3. Two IFEval prompts ask for the frequency of "#" / "!" in `letter_frequency`; the official code swaps in a
    random letter there, so its verdict is random; we give the verdict it reaches for most letters.
 """
 
 import argparse
 import collections
+import functools
 import json
 import re
 import sys
@@ -191,9 +193,10 @@ def detect_language(text):
 # Punkt (Kiss & Strunk 2006) marks a token ending in "." as a sentence break unless the word is a known
 # abbreviation, then revisits each "." with the token after it: a numbered item ("3.") or an initial ("J.")
 # followed by a lower-case word is not a break, an abbreviation followed by a typical sentence starter is.
-# The three tables below are the learned English parameters that NLTK ships (punkt_tab/english); NLTK's
-# fourth table, how each of 20k words was seen capitalised or not, is replaced by how the word is written in
-# the text being split (see _orthography).
+# The three tables below are the learned English parameters that NLTK ships (punkt_tab/english); the fourth,
+# how each of 20k words was written (lower case, capitalised inside or at the start of a sentence), is too big
+# to list here: punkt_english.txt keeps the two word sets that the decisions need. Like NLTK, the splitter
+# learns nothing from the text it splits, so a sentence count depends on that text alone.
 
 _PUNKT_ABBREVIATIONS = set("""
 a.a a.c a.d a.g a.h a.m a.m.e a.s a.t adm ala ariz aug ave b.f b.v bros c c.i.t c.o.m.b c.v calif chg cie co
@@ -242,51 +245,48 @@ class _PunktToken:
         return self.type_no_period() if self.sentbreak else self.type
 
 
-# Common words that NLTK's English table has seen lower-case but never capitalised mid-sentence: capitalised,
-# they are taken as a sure sentence start (read off punkt_tab/english/ortho_context.tab for our stopwords).
-_PUNKT_SURE_STARTERS = set("""her indeed instead into moreover nevertheless nonetheless nor separately similarly so
-such them though thus very were which yet your""".split())
+@functools.lru_cache(maxsize=None)
+def _punkt_lowercase_words():
+    """NLTK's fourth English table, reduced to two word sets (see punkt_english.txt): words seen in lower case
+    and capitalised only at sentence starts, and all words seen in lower case."""
+    path = Path(__file__).with_name("punkt_english.txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the word table of the sentence splitter is missing (it ships with eval.py)")
+    sections, current = {}, None
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("#") or not line.strip():
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[] "), set())
+        elif current is None:
+            raise ValueError(f"{path}:{lineno}: words before the first [section] header")
+        else:
+            current.update(line.split())
+    if set(sections) != {"start", "lower"}:
+        raise ValueError(f"{path}: expected sections [start] and [lower], found {sorted(sections)}")
+    return frozenset(sections["start"]), frozenset(sections["start"] | sections["lower"])
 
 
-def _ortho_says_start(tok, seen):
+def _ortho_says_start(tok):
     """Punkt's orthographic heuristic: True / False / 'unknown' for 'tok starts a sentence'.
 
-    NLTK reads the flags from its table. We know them for common words (most are also seen capitalised
-    mid-sentence, in titles: 'unknown'); for other words we use how the word is written elsewhere in the same
-    text (`seen`: lower-case type -> {"lower", "mid_upper"}).
+    A capitalised word that NLTK's corpus only ever capitalised at sentence starts surely starts one; a
+    lower-case word never does (NLTK also answers 'unknown' for 4 odd words of its table that were never seen
+    capitalised, such as "b-week"; we ignore them).
     """
     if tok.tok in (";", ":", ",", ".", "!", "?"):
         return False
-    if tok.first_lower:  # NLTK: lower-case and either seen capitalised or never seen starting a sentence
+    if tok.first_lower:
         return False
-    word = tok.type_no_sentperiod()
-    if word in _STOPWORDS["latin"]["en"] or word in _PUNKT_SENT_STARTERS:
-        return True if word in _PUNKT_SURE_STARTERS else "unknown"
-    flags = seen.get(word, ())
-    return True if "lower" in flags and "mid_upper" not in flags else "unknown"
+    sure_starters, _ = _punkt_lowercase_words()
+    return True if tok.type_no_sentperiod() in sure_starters else "unknown"
 
 
-def _seen_lowercase(word_type, seen):
-    return word_type in _STOPWORDS["latin"]["en"] or word_type in _PUNKT_SENT_STARTERS or "lower" in seen.get(word_type, ())
+def _seen_lowercase(word_type):
+    return word_type in _punkt_lowercase_words()[1]
 
 
-def _orthography(text):
-    """How each word is written in text: seen in lower case anywhere / capitalised after a word that ends no
-    sentence (a cheap stand-in for the 'mid-sentence upper case' flag of Punkt's learned table)."""
-    seen = collections.defaultdict(set)
-    prev = "."
-    for word in re.findall(r"\S+", text):
-        core = word.strip("\"'()[]{}*_,;:")
-        if core:
-            if core[0].islower():
-                seen[core.lower()].add("lower")
-            elif core[0].isupper() and not prev.endswith((".", "!", "?", ":")):
-                seen[core.lower()].add("mid_upper")
-        prev = word
-    return seen
-
-
-def _contains_sentbreak(context, seen):
+def _contains_sentbreak(context):
     """Annotate the words of one candidate break's context; True if a break is followed by another token."""
     toks = []
     for line in context.split("\n"):
@@ -309,12 +309,12 @@ def _contains_sentbreak(context, seen):
         if (typ, next_typ) in _PUNKT_COLLOCATIONS:
             t.sentbreak, t.abbr = False, True
         elif (t.abbr or t.ellipsis) and not t.is_initial:
-            if _ortho_says_start(nxt, seen) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
+            if _ortho_says_start(nxt) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
                 t.sentbreak = True
         elif t.is_initial or typ == "##number##":
-            says = _ortho_says_start(nxt, seen)
+            says = _ortho_says_start(nxt)
             if says is False or (says == "unknown" and t.is_initial and nxt.first_upper
-                                 and not _seen_lowercase(next_typ, seen)):
+                                 and not _seen_lowercase(next_typ)):
                 t.sentbreak, t.abbr = False, True
     return any(t.sentbreak for t in toks[:-1])
 
@@ -337,9 +337,8 @@ def _candidate_breaks(text):
 def split_sentences(text):
     """Split English text into sentences the way NLTK's Punkt does (closing quotes and brackets stay behind)."""
     spans, last = [], 0
-    seen = _orthography(text)
     for m, context in _candidate_breaks(text):
-        if _contains_sentbreak(context, seen):
+        if _contains_sentbreak(context):
             spans.append((last, m.end()))
             last = m.start("next_tok") if m.group("next_tok") else m.end()
     spans.append((last, len(text.rstrip())))

@@ -66,6 +66,42 @@ def write_punkt_tab():
     print(f"wrote {dest}")
 
 
+ORTHO_HEADER = """\
+# Words that NLTK's English Punkt model saw in lower case, read off its learned orthographic table
+# (nltk_data, tokenizers/punkt_tab/english/ortho_context.tab; Apache License 2.0). eval.py's sentence
+# splitter uses it the way Punkt does: after an initial such as "A." a capitalised word that was seen in lower
+# case starts a new sentence, and one that never was (a name) does not.
+# Written by: python tests/compare_ifeval_official.py --write-ortho-table
+# [start]: seen in lower case and capitalised only at sentence starts (capitalised, it surely starts one).
+# [lower]: seen in lower case and also capitalised inside a sentence.
+"""
+
+
+def write_ortho_table():
+    """Write punkt_english.txt from NLTK's table: the two sets of lower-case words that eval.py needs."""
+    from nltk.tokenize.punkt import PunktTokenizer
+    ortho = PunktTokenizer("english")._params.ortho_context
+    lower_flags, mid_upper_flag = 16 | 32 | 64, 4  # NLTK's _ORTHO_LC and _ORTHO_MID_UC bits
+    start = sorted(w for w, f in ortho.items() if f & lower_flags and not f & mid_upper_flag)
+    lower = sorted(w for w, f in ortho.items() if f & lower_flags and f & mid_upper_flag)
+    assert not any(any(c.isspace() for c in w) for w in start + lower)
+
+    def wrap(words, width=110):
+        lines, line = [], ""
+        for w in words:
+            if line and len(line) + 1 + len(w) > width:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}" if line else w
+        return "\n".join(lines + [line])
+
+    text = ORTHO_HEADER + "[start]\n" + wrap(start) + "\n[lower]\n" + wrap(lower) + "\n"
+    dest = ROOT / "punkt_english.txt"
+    dest.write_text(text)
+    print(f"wrote {dest}: {len(start)} + {len(lower)} words")
+
+
 def official_verdict(registry, inst_id, kwargs, response, loose):
     import eval as ours
     cands = ours.loose_variants(response) if loose else [response]
@@ -77,6 +113,7 @@ def official_verdict(registry, inst_id, kwargs, response, loose):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--write-punkt-tab", action="store_true", help="write NLTK's English punkt_tab files and exit")
+    ap.add_argument("--write-ortho-table", action="store_true", help="write punkt_english.txt from NLTK's tables")
     ap.add_argument("--input")
     ap.add_argument("--responses", nargs="+")
     ap.add_argument("--cross", type=int, default=0, help="also judge each prompt's instructions on N of the responses")
@@ -84,6 +121,8 @@ def main():
     args = ap.parse_args()
     if args.write_punkt_tab:
         return write_punkt_tab()
+    if args.write_ortho_table:
+        return write_ortho_table()
     if not args.input or not args.responses:
         ap.error("--input and --responses are required")
     import logging
