@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
 import trace_gen  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parent / "eval_fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "eval_fixtures"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # (instruction id, kwargs, response, strict verdict, loose verdict); the edge cases follow ../shared/IFEVAL.md
@@ -81,6 +82,9 @@ IFEVAL_CASES = [
     ("change_case:english_capital", {}, "THIS IS MOSTLY CAPITAL but not all.", False, False),
     ("change_case:english_lowercase", {}, "this answer is written in lowercase english only.", True, True),
     ("change_case:english_lowercase", {}, "Title\nthis answer is written in lowercase english only.", False, True),
+    # One to three words in capitals, or without a function word: langdetect rarely calls them English.
+    ("change_case:english_capital", {}, "YES", False, False),
+    ("change_case:english_lowercase", {}, "etchings", False, False),
     ("punctuation:no_comma", {}, "No commas here\uff0c only a full-width one.", True, True),
     ("punctuation:no_comma", {}, "Sure, here it is:\nno commas below", False, True),
 ]
@@ -135,11 +139,33 @@ def test_loose_variants_order_and_count():
     ("See Fig. 3 for details. Thanks.", 3),
     ("Dr. J. Doe arrived. The end.", 2),
     ("", 0),
+    # An initial followed by a capitalised word: a break when NLTK's table saw the word in lower case.
+    ("I live in o. Let's check the weather.", 2),
+    ("I. Introduction\n   A. Brief history\n   B. Overview of the plan", 3),  # "overview" is not in the table
+    ("Pick option B. Exploration comes first.", 2),
+    ("See vitamin C. Oranges have it.", 1),
+    ("The book by J. Smith was long. We read it.", 2),
+    ("George W. Bush spoke.", 1),
+    ("We like Apple Inc.\n\nPros: fast.", 1),  # after an abbreviation only a sure sentence starter breaks
 ])
 def test_sentence_counts_match_punkt(text, n):
     """Sentence counts equal what NLTK's English Punkt gives on the same text (values taken from NLTK 3.10)."""
     got = E.split_sentences(text)
     assert len(got) == n, f"{text!r}: {len(got)} sentences {got}, NLTK gives {n}"
+
+
+def test_word_table_loads_and_bad_tables_name_the_line(tmp_path):
+    """punkt_english.txt parses into its two sets; a malformed table is an error naming the file and line."""
+    start, lower = E.read_word_table(ROOT / "punkt_english.txt")
+    assert len(start) > 10000 and len(lower) > 2000 and not start & lower, (len(start), len(lower))
+    assert {"let", "brief", "introduction"} <= start | lower and "overview" not in start | lower
+    bad = tmp_path / "table.txt"
+    bad.write_text("# header\nword\n[start]\nmore\n")
+    with pytest.raises(ValueError, match=r"table.txt:2: words before"):
+        E.read_word_table(bad)
+    bad.write_text("[start]\na b\n")
+    with pytest.raises(ValueError, match=r"\[start\] and \[lower\]"):
+        E.read_word_table(bad)
 
 
 LANGUAGE_SAMPLES = {  # one sentence per language that IFEval asks for (langdetect agrees on each)
@@ -177,6 +203,15 @@ def test_language_identification():
     mixed = LANGUAGE_SAMPLES["hi"] * 3 + " (see https://example.com/page, written by Bob)"
     assert E.detect_language(mixed) == "hi", E.detect_language(mixed)
     assert E.detect_language("42 + 7 = 49 !!!") is None
+
+
+def test_short_latin_texts_are_undetermined():
+    """At most three words, all in capitals or without any function word: 'und'; a function word decides."""
+    for text in ("YES", "A", "etchings", '"coastal elegance properties"', "THE END"):
+        assert E.detect_language(text) == "und", (text, E.detect_language(text))
+    for text in ("the end", "this is it", "FOUR WORDS IN CAPITALS", "glistening emerald hills and valleys"):
+        assert E.detect_language(text) == "en", (text, E.detect_language(text))
+    assert E.detect_language("ich bin hier") == "de"
 
 
 def test_score_ifeval_format_and_missing_response():
