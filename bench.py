@@ -292,7 +292,8 @@ def bench_generate(args):
 # CPU: each configuration runs in a fresh process, memory is its peak RSS above the built model (VmHWM), and
 # times are the process's CPU seconds with one thread, which other jobs on a shared machine disturb far less
 # than wall time (the matmul rate is timed the same way).
-# CUDA: one process, memory is torch.cuda.max_memory_allocated (everything: weights, optimizer, activations).
+# CUDA: one process, memory is torch.cuda.max_memory_allocated (everything: weights, optimizer, activations);
+# "syncs" counts the host-device synchronisations of one step (torch.cuda.set_sync_debug_mode("warn")).
 
 TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer tokens, instructions per step)
     "tiny": (dict(model_type="llama", vocab_size=512, tie_word_embeddings=True, **{
@@ -308,7 +309,10 @@ TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer token
                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, attention_bias=True,
                       tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
 }
-TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", True), ("iopo", False), ("iopo", True)]
+# (method, packing): packed rows attend through model.PackedRows ("rows": two causal passes) or, for
+# comparison, through the explicit (T x T) mask of data.packed_attention_mask ("mask")
+TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", "rows"), ("dpo", "mask"), ("iopo", False), ("iopo", "rows"),
+              ("iopo", "mask")]
 
 
 def _synthetic_examples(method, n, prompt, answer, vocab, seed=0):
@@ -393,8 +397,11 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
     n_instr = n_instr or default_n
     examples = _synthetic_examples(method, n_instr, prompt, answer, net.config.vocab_size)
     cpu_batch = collate_packed(examples, method, 0) if pack else COLLATORS[method](examples, 0)
+    if pack == "mask":  # without the PackedRows indices the Scorer builds the explicit mask
+        cpu_batch = {k: v for k, v in cpu_batch.items() if k not in ("b_index", "b_src", "b_dst")}
+    cpu_batch["scored_index"] = iopo.scored_positions(cpu_batch, net.config.vocab_size)  # as iopo.train does
     batch = {k: v.to(device) for k, v in cpu_batch.items()}
-    cfg = iopo.TrainConfig(method=method, pack=pack)
+    cfg = iopo.TrainConfig(method=method, pack=bool(pack))
     ref = None if method == "sft" else torch.zeros(n_instr, iopo.SEQS_PER_EXAMPLE[method], device=device)
     scorer = iopo.Scorer(net)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -418,6 +425,16 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
         for _ in range(warmup):
             step()
         sync()
+        syncs = None
+        if on_gpu:  # count the host-device synchronisations of one step (the goal is none)
+            import warnings
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+            torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            sync()
         times = []
         clock = time.perf_counter if on_gpu else time.process_time  # CPU: see the banner
         for _ in range(steps):
@@ -428,7 +445,7 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
         flops, tokens = _model_flops(net.config, cpu_batch, lora)
         step_s = sorted(times)[len(times) // 2]  # the median: one slow step on a shared machine does not count
         return {"step_s": step_s, "tokens": tokens, "rows": len(cpu_batch["input_ids"]),
-                "width": cpu_batch["input_ids"].shape[1], "flops": flops,
+                "width": cpu_batch["input_ids"].shape[1], "flops": flops, "syncs": syncs,
                 "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else 0}
     finally:
         del optimizer, scorer, batch
@@ -468,7 +485,7 @@ def _print_train_table(title, rows, rate):
     """rows: (label, method, pack, figures or None for OOM); ratios against SFT and DPO of the same block."""
     print(title)
     print(f"{'config':>22} | {'rows x T':>9} {'step s':>7} {'tokens/s':>9} {'peak GB':>8} {'MFU %':>6} | "
-          f"{'time/SFT':>8} {'time/DPO':>8} {'mem/SFT':>7} {'mem/DPO':>7}")
+          f"{'time/SFT':>8} {'time/DPO':>8} {'mem/SFT':>7} {'mem/DPO':>7} {'syncs':>5}")
     base = {(m, p): r for _, m, p, r in rows if r is not None}
     sft, dpo = base.get(("sft", False)), base.get(("dpo", False))
     for label, method, pack, r in rows:
@@ -480,12 +497,12 @@ def _print_train_table(title, rows, rate):
         print(f"{label:>22} | {str(r['rows']) + 'x' + str(r['width']):>9} {r['step_s']:>7.3f} "
               f"{r['tokens'] / r['step_s']:>9.0f} {r['peak_bytes'] / 2**30:>8.2f} {mfu:>6.1f} | "
               f"{ratio(sft, 'step_s'):>8} {ratio(dpo, 'step_s'):>8} {ratio(sft, 'peak_bytes'):>7} "
-              f"{ratio(dpo, 'peak_bytes'):>7}", flush=True)
+              f"{ratio(dpo, 'peak_bytes'):>7} {'-' if r.get('syncs') is None else r['syncs']:>5}", flush=True)
 
 
 def bench_train(args):
     import torch
-    label = lambda m, p: m.upper() + (" packed" if p else "")
+    label = lambda m, p: m.upper() + {False: "", "rows": " packed", "mask": " packed, mask"}[p]
     if args.device == "cpu":
         shape = args.shapes if args.shapes in ("tiny", "toy") else "toy"
         warmup, steps = (1, 3) if args.quick else (2, 7)

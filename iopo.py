@@ -52,7 +52,8 @@ from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
                   collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
-from model import Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic, write_json_atomic
+from model import (PackedRows, Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic,
+                   write_json_atomic)
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
     import triton
@@ -246,7 +247,7 @@ def _triton_usable(device):
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk_size=None):
+def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk_size=None, scored_index=None):
     """log p(labels[...] | context) for every position, as float32 of labels' shape; 0.0 where ignored.
 
     hidden (..., D): final hidden states (after the last norm). weight (V, D): the lm_head weight, possibly
@@ -255,7 +256,9 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
     above), "torch" (chunked PyTorch), "triton" (CUDA, or the CPU with TRITON_INTERPRET=1) or "auto"
     (triton on CUDA when importable, else torch). chunk_size: tokens per chunk (default: 512 on the CPU,
     2048 on a GPU, fewer where a chunk's float32 logits would pass 512 MB / 1 GB). The log-sum-exp is
-    accumulated in float32 for every input dtype.
+    accumulated in float32 for every input dtype. scored_index (n,): the flat positions where labels is not
+    ignore_index, if the caller already knows them (scored_positions, on the CPU): finding them here, and
+    checking the ids' range, would make the CPU wait for the GPU; with it the caller has checked the range.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} + (D,)")
@@ -279,11 +282,15 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     flat_labels = labels.reshape(-1)  # (N,)
-    scored = (flat_labels != ignore_index).nonzero().squeeze(1)  # only these rows cost anything
-    y = flat_labels[scored]
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
-        raise ValueError(f"token_logprobs: labels must lie in [0, {weight.shape[0]}) or equal "
-                         f"ignore_index={ignore_index}; found {int(y.min())}..{int(y.max())}")
+    if scored_index is not None:
+        scored = scored_index.to(flat_labels.device)
+        y = flat_labels[scored]
+    else:
+        scored = (flat_labels != ignore_index).nonzero().squeeze(1)  # only these rows cost anything
+        y = flat_labels[scored]
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
+            raise ValueError(f"token_logprobs: labels must lie in [0, {weight.shape[0]}) or equal "
+                             f"ignore_index={ignore_index}; found {int(y.min())}..{int(y.max())}")
     h = flat_hidden if len(scored) == len(flat_labels) else flat_hidden[scored]  # (n, D)
     rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
@@ -572,24 +579,52 @@ class Scorer(nn.Module):
 
     Wrapping both in one module lets DistributedDataParallel see the head's gradient as part of forward.
     Packed rows (data.collate_packed: segment_ids, position_ids, labels_b) return (2, R, T-1): the log-probs
-    under `labels` (y_a) and under `labels_b` (y_b), both read from the same hidden states."""
+    under `labels` (y_a) and under `labels_b` (y_b), both read from the same hidden states.
+
+    Rows must be right-padded, as data.py's collators make them: padding then comes after every real token,
+    causal attention alone keeps it unseen, and the model runs without a padding mask (an explicit mask would
+    take SDPA off its flash kernel). On the CPU, where reading the mask costs nothing, this is checked."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None):
-        if segment_ids is not None:  # packed rows [x, y_a, y_b]: y_b must not see y_a
-            attention_mask = packed_attention_mask(segment_ids)  # (R, 1, T, T)
+    def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None,
+                b_index=None, b_src=None, b_dst=None, scored_index=None):
+        if b_index is not None:  # packed rows [x, y_a, y_b]: y_b must not see y_a (two causal passes)
+            attention_mask = PackedRows(b_index, b_src, b_dst)
+        elif segment_ids is not None:  # the same rule as an explicit (R, 1, T, T) mask
+            attention_mask = packed_attention_mask(segment_ids)
+        else:  # right padding (data.py's collators): causality alone hides it from every real token
+            if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("Scorer: attention_mask has padding before a token; rows must be right-padded")
+            attention_mask = None
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (R, T, D)
         weight = self.model.lm_head.weight
         if weight.dtype != hidden.dtype:  # autocast: a bfloat16 view of the float32 head, gradient flows back
             weight = weight.to(hidden.dtype)
-        if labels_b is None:
-            return token_logprobs(hidden[:, :-1], weight, labels[:, 1:])  # (R, T-1): token t scored from t-1
+        if labels_b is None:  # (R, T-1): token t scored from t-1
+            return token_logprobs(hidden[:, :-1], weight, labels[:, 1:], scored_index=scored_index)
         # Both answers in one kernel call: the hidden states twice (a small (2, R, T, D) copy), two label sets
         both = torch.stack([labels[:, 1:], labels_b[:, 1:]])  # (2, R, T-1)
-        return token_logprobs(hidden[:, :-1].expand(2, *hidden[:, :-1].shape), weight, both)  # (2, R, T-1)
+        return token_logprobs(hidden[:, :-1].expand(2, *hidden[:, :-1].shape), weight, both,
+                              scored_index=scored_index)  # (2, R, T-1)
+
+
+def scored_positions(batch, vocab_size):
+    """The scored_index that Scorer passes to the kernel for `batch` (still on the CPU): flat positions of the
+    scored labels in its (R, T-1) or, for packed rows, (2, R, T-1) layout. Also checks the ids' range here,
+    where reading them costs nothing."""
+    labels = batch["labels"][:, 1:]
+    if "labels_b" in batch:
+        labels = torch.stack([labels, batch["labels_b"][:, 1:]])
+    flat = labels.reshape(-1)
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    y = flat[index]
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= vocab_size):
+        raise ValueError(f"batch labels must lie in [0, {vocab_size}) (the model's vocabulary) or be "
+                         f"{IGNORE_INDEX}; found {int(y.min())}..{int(y.max())}")
+    return index
 
 
 SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
@@ -967,6 +1002,7 @@ def train(cfg):
             mine = positions[rank::world]  # this process's shard of the global micro-batch
             batch = step_collate([train_set[p] for p in mine], tok.pad_token_id)
             batch = batch if cfg.pack else reference_rows(cfg, batch)
+            batch["scored_index"] = scored_positions(batch, model.config.vocab_size)  # on the CPU: no wait
             n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
             # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
             pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
@@ -975,7 +1011,9 @@ def train(cfg):
                 ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
             elif ref_scorer is not None:
                 with torch.no_grad(), adapters_disabled(model), autocast():
-                    full = to_device(collate([train_set[p] for p in mine], tok.pad_token_id), device)
+                    full = collate([train_set[p] for p in mine], tok.pad_token_id)
+                    full["scored_index"] = scored_positions(full, model.config.vocab_size)
+                    full = to_device(full, device)
                     ref = ref_scorer(**full).float().sum(-1).view(SEQS_PER_EXAMPLE[kind], -1).T
             else:
                 ref = None

@@ -295,6 +295,31 @@ def apply_rope(x, cos, sin):
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@dataclass
+class PackedRows:
+    """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_b_view).
+
+    An explicit (T x T) mask would take SDPA off its fast causal kernels. Instead: one causal pass over the
+    packed row, which is exact for x and y_a (they only look back into [x, y_a]), and one causal pass over
+    [x, y_b] gathered from it (b_index, (R, TB)), whose y_b outputs replace the packed row's (flat b_src ->
+    b_dst). Both passes are plain causal attention: flash on the GPU, no mask in memory."""
+    b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
+    b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
+    b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
+
+
+def packed_rows_attention(q, k, v, rows):
+    """Causal attention for PackedRows: q, k, v (R, H, T, hd) with RoPE applied -> (R, H, T, hd)."""
+    R, H, T, hd = q.shape
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # right for x and y_a
+    idx = rows.b_index[:, None, :, None].expand(R, H, rows.b_index.shape[1], hd)
+    y_b = F.scaled_dot_product_attention(q.gather(2, idx), k.gather(2, idx), v.gather(2, idx), is_causal=True)
+    flat = y.transpose(1, 2).reshape(R * T, H * hd)
+    flat_b = y_b.transpose(1, 2).reshape(-1, H * hd)
+    flat = flat.index_copy(0, rows.b_dst, flat_b.index_select(0, rows.b_src))  # y_b's rows from the second pass
+    return flat.view(R, T, H, hd).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -318,9 +343,12 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:  # GQA: each key/value head serves H/KV consecutive query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        # mask is None (plain causal), "all" (one new token sees the whole cache) or a (B, 1, T, S) bool tensor
+        # mask is None (plain causal), "all" (one new token sees the whole cache), a (B, 1, T, S) bool tensor,
+        # or PackedRows (shared-prompt rows [x, y_a, y_b])
         with sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-            if isinstance(mask, torch.Tensor):
+            if isinstance(mask, PackedRows):
+                y = packed_rows_attention(q, k, v, mask)
+            elif isinstance(mask, torch.Tensor):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None)
@@ -434,13 +462,16 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
-        """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side, or a
-        (B, 1, T, T) bool mask, True where query t may see key s (packed rows; needs position_ids, no cache).
+        """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side, a
+        (B, 1, T, T) bool mask, True where query t may see key s, or PackedRows (both need position_ids and
+        no cache).
         Returns the final-norm hidden states (B, T, D); logits would be hidden @ self.lm_head.weight.T."""
         B, T = input_ids.shape
-        full = attention_mask is not None and attention_mask.dim() == 4
+        packed = isinstance(attention_mask, PackedRows)
+        full = packed or (attention_mask is not None and attention_mask.dim() == 4)
         if full and (kv_cache is not None or position_ids is None or self.config.sliding_window is not None):
-            raise ValueError("a (B, 1, T, T) attention_mask needs position_ids, no kv_cache and no sliding window")
+            raise ValueError("a (B, 1, T, T) or PackedRows attention_mask needs position_ids, no kv_cache and no "
+                             "sliding window")
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None or full
                 else attention_mask.to(torch.bool))
         past = 0
@@ -455,7 +486,8 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        padded = not full and not bool(mask.all())  # (reading the mask waits for the GPU: packed rows skip it)
+        # Reading the mask waits for the GPU, so only when there is one to read (a training step passes none)
+        padded = not full and (attention_mask is not None or kv_cache is not None) and not bool(mask.all())
         masks = {}
         for window in {self.config.sliding_window if self.config.layer_uses_window(i) else None
                        for i in range(self.config.num_hidden_layers)}:
@@ -464,7 +496,7 @@ class Transformer(nn.Module):
             else:
                 masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
         if full:
-            masks = {None: attention_mask.to(torch.bool)}
+            masks = {None: attention_mask if packed else attention_mask.to(torch.bool)}
 
         for i, layer in enumerate(self.model.layers):
             layer_mask = masks[self.config.sliding_window if self.config.layer_uses_window(i) else None]

@@ -174,7 +174,7 @@ def test_full_4d_mask_equals_padding_mask(tiny_model, tiny_config):
     with torch.no_grad():
         diff = ((tiny_model(ids, full, positions) - tiny_model(ids, mask)).abs() * mask[..., None]).max().item()
     assert diff < 1e-6, diff
-    with pytest.raises(ValueError, match=r"a \(B, 1, T, T\) attention_mask needs position_ids"):
+    with pytest.raises(ValueError, match=r"a \(B, 1, T, T\) or PackedRows attention_mask needs position_ids"):
         tiny_model(ids, full)
 
 

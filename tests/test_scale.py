@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 import iopo
 import model as M
-from data import COLLATORS, EncodedDataset, RecordFile, collate_packed, pack_pair, packed_attention_mask
+from data import (COLLATORS, EncodedDataset, RecordFile, collate_packed, pack_pair, packed_attention_mask,
+                  packed_b_view)
 from test_train import write_data
 
 
@@ -140,6 +141,10 @@ def test_pack_pair_layout():
     assert mask[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0], f"y_a is plain causal: {mask[4]}"
     with pytest.raises(ValueError, match="different prompts"):
         pack_pair(a, {"input_ids": [5, 6, 1, 2], "labels": [P, P, P, 2]})
+    # y_b's second attention pass reads [x, y_b] = packed positions 0 1 2 5 6 7; a shorter second row pads
+    view = packed_b_view(torch.tensor([row["segment_ids"] + [0, 0], [1, 1, 2, 3, 0, 0, 0, 0, 0, 0]]))
+    assert view["b_index"].tolist() == [[0, 1, 2, 5, 6, 7], [0, 1, 3, 0, 0, 0]], view["b_index"]
+    assert view["b_src"].tolist() == [3, 4, 5, 6 + 2] and view["b_dst"].tolist() == [5, 6, 7, 10 + 3], view
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +167,16 @@ def _step(net, cfg, batch, ref):
     return sums, loss.detach(), grads
 
 
-def _sums64(net, batch):
-    """Per-row (y_a, y_b) log-prob sums in float64 from the full log-softmax: exact to rounding, (2, R)."""
-    hidden = net(batch["input_ids"], attention_mask=packed_attention_mask(batch["segment_ids"])
-                 if "segment_ids" in batch else batch["attention_mask"], position_ids=batch.get("position_ids"))
+def _sums64(net, batch, layout="rows"):
+    """Per-row (y_a, y_b) log-prob sums in float64 from the full log-softmax: exact to rounding, (2, R).
+    Packed rows attend through M.PackedRows (layout "rows") or the explicit (R, 1, T, T) mask ("mask")."""
+    if "segment_ids" not in batch:
+        mask = batch["attention_mask"]
+    elif layout == "rows":
+        mask = M.PackedRows(batch["b_index"], batch["b_src"], batch["b_dst"])
+    else:
+        mask = packed_attention_mask(batch["segment_ids"])
+    hidden = net(batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"))
     logps = torch.log_softmax(hidden[:, :-1] @ net.lm_head.weight.T, dim=-1)  # (R, T-1, V)
     out = []
     for labels in (batch["labels"], batch.get("labels_b", batch["labels"])):
@@ -174,14 +185,16 @@ def _sums64(net, batch):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("layout", ["rows", "mask"])
 @pytest.mark.parametrize("kind", ["dpo", "iopo"])
-def test_packed_logprobs_equal_unpacked_float64(encoded, kind):
-    """In float64, each answer's log-prob in a packed row equals its unpacked row's to 1e-10."""
+def test_packed_logprobs_equal_unpacked_float64(encoded, kind, layout):
+    """In float64, each answer's log-prob in a packed row equals its unpacked row's to 1e-10, whether y_b's
+    attention runs as a second causal pass (PackedRows) or under an explicit mask."""
     _, tok, data, base = encoded
     net = M.load_model(base, dtype=torch.float64)
     examples = [data[kind][i] for i in range(6)]
     plain = _sums64(net, COLLATORS[kind](examples, tok.pad_token_id))[0]  # (kB,) in the collator's row order
-    packed = _sums64(net, collate_packed(examples, kind, tok.pad_token_id))  # (2, R)
+    packed = _sums64(net, collate_packed(examples, kind, tok.pad_token_id), layout)  # (2, R)
     order = packed.flatten() if kind == "dpo" else torch.cat([packed[0, :6], packed[1, :6], packed[0, 6:], packed[1, 6:]])
     worst = (order - plain).abs().max().item()
     assert worst < 1e-10, f"{kind}: packed vs unpacked log-probs differ by {worst} (float64); {order} vs {plain}"
@@ -216,11 +229,13 @@ def test_packed_equals_unpacked(encoded, kind, variant):
 # --- gradient checkpointing
 
 
-def test_gradient_checkpointing_leaves_gradients_unchanged(encoded):
+@pytest.mark.parametrize("pack", [False, True])
+def test_gradient_checkpointing_leaves_gradients_unchanged(encoded, pack):
     """An IOPO step with each block recomputed in backward gives the same loss and gradients as without."""
     net, tok, data, _ = encoded
     net.train()
-    batch = COLLATORS["iopo"]([data["iopo"][i] for i in range(4)], tok.pad_token_id)
+    examples = [data["iopo"][i] for i in range(4)]
+    batch = collate_packed(examples, "iopo", tok.pad_token_id) if pack else COLLATORS["iopo"](examples, tok.pad_token_id)
     ref = torch.zeros(4, 4)
     cfg = iopo.TrainConfig(method="iopo")
     results = {}
@@ -232,3 +247,38 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(encoded):
     for name, g in results[False][2].items():
         torch.testing.assert_close(results[True][2][name], g, rtol=0, atol=1e-7,
                                    msg=lambda m: f"{name}: gradient with checkpointing differs: {m}")
+
+
+# --- the GPU step without host-device synchronisation
+
+
+def test_scored_index_from_the_cpu_gives_the_same_logprobs(encoded):
+    """scored_positions (CPU) handed to the Scorer gives the log-probs the kernel finds on its own, packed or
+    not; labels outside the vocabulary are caught there with a clear message."""
+    net, tok, data, _ = encoded
+    examples = [data["iopo"][i] for i in range(3)]
+    for batch in (COLLATORS["iopo"](examples, tok.pad_token_id), collate_packed(examples, "iopo", tok.pad_token_id)):
+        scorer = iopo.Scorer(net)
+        with torch.no_grad():
+            found = scorer(**batch)
+            given = scorer(**batch, scored_index=iopo.scored_positions(batch, net.config.vocab_size))
+        assert torch.equal(found, given), (found - given).abs().max()
+    bad = dict(batch, labels=batch["labels"].clone())
+    bad["labels"][0, -1] = net.config.vocab_size
+    with pytest.raises(ValueError, match=rf"must lie in \[0, {net.config.vocab_size}\)"):
+        iopo.scored_positions(bad, net.config.vocab_size)
+
+
+def test_scorer_runs_right_padded_rows_without_a_mask(encoded):
+    """Right-padded rows score as with the padding mask (causality hides the padding); left padding is refused."""
+    net, tok, data, _ = encoded
+    batch = COLLATORS["dpo"]([data["dpo"][i] for i in range(4)], tok.pad_token_id)
+    assert not bool(batch["attention_mask"].all()), "the test needs rows of different lengths"
+    with torch.no_grad():
+        hidden = net(batch["input_ids"], attention_mask=batch["attention_mask"])
+        masked = iopo.token_logprobs(hidden[:, :-1], net.lm_head.weight, batch["labels"][:, 1:])
+        got = iopo.Scorer(net)(**batch)
+    torch.testing.assert_close(got, masked, rtol=0, atol=1e-5)
+    flipped = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        iopo.Scorer(net)(**flipped)
