@@ -309,10 +309,10 @@ TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer token
                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, attention_bias=True,
                       tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
 }
-# (method, packing): packed rows attend through model.PackedRows ("rows": two causal passes) or, for
-# comparison, through the explicit (T x T) mask of data.packed_attention_mask ("mask")
-TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", "rows"), ("dpo", "mask"), ("iopo", False), ("iopo", "rows"),
-              ("iopo", "mask")]
+# (method, packing): packed rows attend through the explicit (T x T) mask of data.packed_attention_mask
+# ("mask", iopo.py's default) or through model.PackedRows ("rows": two causal passes)
+TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", "mask"), ("dpo", "rows"), ("iopo", False), ("iopo", "mask"),
+              ("iopo", "rows")]
 
 
 def _synthetic_examples(method, n, prompt, answer, vocab, seed=0):
@@ -397,13 +397,11 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
     n_instr = n_instr or default_n
     examples = _synthetic_examples(method, n_instr, prompt, answer, net.config.vocab_size)
     cpu_batch = collate_packed(examples, method, 0) if pack else COLLATORS[method](examples, 0)
-    if pack == "mask":  # without the PackedRows indices the Scorer builds the explicit mask
-        cpu_batch = {k: v for k, v in cpu_batch.items() if k not in ("b_index", "b_src", "b_dst")}
     cpu_batch["scored_index"] = iopo.scored_positions(cpu_batch, net.config.vocab_size)  # as iopo.train does
     batch = {k: v.to(device) for k, v in cpu_batch.items()}
     cfg = iopo.TrainConfig(method=method, pack=bool(pack))
     ref = None if method == "sft" else torch.zeros(n_instr, iopo.SEQS_PER_EXAMPLE[method], device=device)
-    scorer = iopo.Scorer(net)
+    scorer = iopo.Scorer(net, pack or "mask")
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6)
     on_gpu = device.type == "cuda"
@@ -502,7 +500,7 @@ def _print_train_table(title, rows, rate):
 
 def bench_train(args):
     import torch
-    label = lambda m, p: m.upper() + {False: "", "rows": " packed", "mask": " packed, mask"}[p]
+    label = lambda m, p: m.upper() + {False: "", "mask": " packed", "rows": " packed, rows"}[p]
     if args.device == "cpu":
         shape = args.shapes if args.shapes in ("tiny", "toy") else "toy"
         warmup, steps = (1, 3) if args.quick else (2, 7)

@@ -549,6 +549,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
+    packed_attention: str = "mask"  # with --pack: mask (one T x T mask) | rows (two causal passes, model.PackedRows)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
@@ -583,17 +584,25 @@ class Scorer(nn.Module):
 
     Rows must be right-padded, as data.py's collators make them: padding then comes after every real token,
     causal attention alone keeps it unseen, and the model runs without a padding mask (an explicit mask would
-    take SDPA off its flash kernel). On the CPU, where reading the mask costs nothing, this is checked."""
+    take SDPA off its flash kernel). On the CPU, where reading the mask costs nothing, this is checked.
 
-    def __init__(self, model):
+    packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
+    (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
+    masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels (see
+    the README's CPU table: "rows" loses at 500 tokens on the CPU, wins at 1,400)."""
+
+    def __init__(self, model, packed_attention="mask"):
         super().__init__()
+        if packed_attention not in ("mask", "rows"):
+            raise ValueError(f"packed_attention must be mask or rows, got {packed_attention!r}")
         self.model = model
+        self.packed_attention = packed_attention
 
     def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None,
                 b_index=None, b_src=None, b_dst=None, scored_index=None):
-        if b_index is not None:  # packed rows [x, y_a, y_b]: y_b must not see y_a (two causal passes)
+        if segment_ids is not None and self.packed_attention == "rows":  # packed [x, y_a, y_b]: two causal passes
             attention_mask = PackedRows(b_index, b_src, b_dst)
-        elif segment_ids is not None:  # the same rule as an explicit (R, 1, T, T) mask
+        elif segment_ids is not None:  # the same rule as one (R, 1, T, T) mask: y_b never sees y_a
             attention_mask = packed_attention_mask(segment_ids)
         else:  # right padding (data.py's collators): causality alone hides it from every real token
             if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
@@ -906,6 +915,8 @@ def train(cfg):
     (rank, world), device = setup_distributed(device)
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
+    if cfg.packed_attention not in ("mask", "rows"):
+        raise ValueError(f"--packed-attention must be mask or rows, got {cfg.packed_attention!r}")
     if cfg.fsdp and (world == 1 or cfg.save_every or resume_dir is not None):
         raise ValueError("--fsdp shards the model over torchrun's processes (run it under torchrun with 2 or more); "
                          "it saves only the final model (gathered on rank 0), so --save-every and --resume are "
@@ -943,7 +954,7 @@ def train(cfg):
     if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all
         for layer in model.model.layers:
             layer.compile()
-    scorer = Scorer(model)
+    scorer = Scorer(model, cfg.packed_attention)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else contextlib.nullcontext)
 

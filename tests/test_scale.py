@@ -156,9 +156,9 @@ def encoded(toy):
     return M.load_model(base), tok, data, base
 
 
-def _step(net, cfg, batch, ref):
+def _step(net, cfg, batch, ref, packed_attention="mask"):
     net.zero_grad(set_to_none=True)
-    scorer = iopo.Scorer(net)
+    scorer = iopo.Scorer(net, packed_attention)
     token_logps = scorer(**batch)
     loss, metrics = iopo.method_loss(cfg, token_logps, batch["labels"], ref, labels_b=batch.get("labels_b"))
     loss.backward()
@@ -200,9 +200,11 @@ def test_packed_logprobs_equal_unpacked_float64(encoded, kind, layout):
     assert worst < 1e-10, f"{kind}: packed vs unpacked log-probs differ by {worst} (float64); {order} vs {plain}"
 
 
+@pytest.mark.parametrize("packed_attention", ["mask", "rows"])
 @pytest.mark.parametrize("kind,variant", [("dpo", "full"), ("iopo", "full"), ("iopo", "three_seq")])
-def test_packed_equals_unpacked(encoded, kind, variant):
-    """Through Scorer and method_loss in float32, packed rows give the unpacked log-probs, loss and gradients."""
+def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
+    """Through Scorer and method_loss in float32, packed rows give the unpacked log-probs, loss and gradients,
+    with y_b kept from y_a by the mask or by the two causal passes."""
     net, tok, data, _ = encoded
     examples = [data[kind][i] for i in range(6)]
     cfg = iopo.TrainConfig(method=kind, variant=variant, beta=0.5)
@@ -212,7 +214,7 @@ def test_packed_equals_unpacked(encoded, kind, variant):
     packed = collate_packed(examples, kind, tok.pad_token_id)
     assert packed["input_ids"].numel() < plain["input_ids"].numel(), "packing should make the batch smaller"
     sums_plain, loss_plain, grads_plain = _step(net, cfg, plain, ref)
-    sums_packed, loss_packed, grads_packed = _step(net, cfg, packed, ref)
+    sums_packed, loss_packed, grads_packed = _step(net, cfg, packed, ref, packed_attention)
     # rows [x, y_w, y_l]; IOPO rows [x1, y1, y2] then [x2, y2, y1], back into the unpacked order
     order = {"dpo": sums_packed.flatten(),
              "iopo": torch.cat([sums_packed[0, :6], sums_packed[1, :6], sums_packed[0, 6:], sums_packed[1, 6:]])}[kind]
@@ -224,6 +226,19 @@ def test_packed_equals_unpacked(encoded, kind, variant):
     worst = max((grads_packed[n] - grads_plain[n]).abs().max().item() for n in grads_plain)
     scale = max(g.abs().max().item() for g in grads_plain.values())
     assert worst <= 1e-4 * scale, f"{kind}/{variant}: gradients differ by {worst} (largest gradient {scale})"
+
+
+def test_packed_training_logs_the_unpacked_losses(toy, tmp_path):
+    """iopo.py iopo --pack, with either packed attention, logs the losses of the unpacked run (2 steps)."""
+    folder, paths, base = toy
+    runs = {"plain": {}, "mask": dict(pack=True), "rows": dict(pack=True, packed_attention="rows")}
+    got = {}
+    for name, kw in runs.items():
+        out = tmp_path / name
+        iopo.main(argv("iopo", base, paths["iopo"], str(out), grad_accum=1, **kw))
+        got[name] = losses(out)
+    for name in ("mask", "rows"):
+        assert len(got[name]) == 2 and max(abs(a - b) for a, b in zip(got[name], got["plain"])) < 1e-5, got
 
 
 # --- gradient checkpointing
@@ -241,7 +256,7 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(encoded, pack):
     results = {}
     for flag in (False, True):
         net.gradient_checkpointing = flag
-        results[flag] = _step(net, cfg, batch, ref)
+        results[flag] = _step(net, cfg, batch, ref, "rows" if pack else "mask")
     net.gradient_checkpointing = False
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
     for name, g in results[False][2].items():
