@@ -4,6 +4,7 @@
     python bench.py --generate    # generation with the KV cache vs recomputing the prefix; load time (model.py)
     python bench.py --train       # SFT vs DPO vs IOPO step time and peak memory (iopo.py)
     python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (about 1 min on an H100)
+    python bench.py --attention   # packed rows: two causal attention passes vs one explicit mask (model.py)
 
 Figures go into the README together with the command that produced them. Nothing here is asserted in a
 test: timings depend on the machine.
@@ -552,11 +553,58 @@ def bench_train(args):
             del net
 
 
+# --- attention of packed rows: model.PackedRows (two causal passes) vs the explicit (T x T) mask
+#
+# Forward + backward of the attention call alone for rows [x, y_a, y_b], and, as the floor, the same prompts
+# unpacked (two causal rows [x, y] each). CPU: float32, one thread, CPU seconds. CUDA: bfloat16, GPU seconds.
+
+ATTENTION_SHAPES = [(4, 4, 64, 304, 100), (4, 8, 64, 640, 384), (8, 14, 64, 1280, 768)]  # rows, H, hd, |x|, |y|
+
+
+def bench_attention(args):
+    import time
+    import torch
+    import torch.nn.functional as F
+    import model as M
+    from data import packed_attention_mask, packed_b_view
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_num_threads(1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    print(f"packed attention, forward + backward, {dtype}, median of 5 after 1 ({device.type})")
+    print(f"{'rows x H x hd':>14} {'|x| + 2|y|':>12} | {'mask s':>8} {'rows s':>8} {'unpacked s':>10} | {'rows/mask':>9}")
+    shapes = ATTENTION_SHAPES if device.type == "cuda" else ATTENTION_SHAPES[:2]
+    for R, H, hd, P, A in shapes:
+        seg = torch.tensor([[1] * P + [2] * A + [3] * A] * R)
+        rows = M.PackedRows(*(t.to(device) for t in packed_b_view(seg).values()))
+        mask = packed_attention_mask(seg).to(device)
+        q, k, v = (torch.randn(R, H, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        plain = lambda t: t[:, :, :P + A].repeat(2, 1, 1, 1)  # (2R, H, P + A, hd): [x, y] twice per prompt
+        calls = {"mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                 "rows": lambda: M.packed_rows_attention(q, k, v, rows),
+                 "unpacked": lambda: F.scaled_dot_product_attention(plain(q), plain(k), plain(v), is_causal=True)}
+        took = {}
+        for name, call in calls.items():
+            times = []
+            with M.sdpa_kernel(M.CUDA_SDPA_BACKENDS) if device.type == "cuda" else M.contextlib.nullcontext():
+                for _ in range(6):
+                    sync()
+                    start = clock()
+                    call().float().sum().backward()
+                    sync()
+                    times.append(clock() - start)
+            took[name] = sorted(times[1:])[2]
+        print(f"{f'{R} x {H} x {hd}':>14} {f'{P} + 2x{A}':>12} | {took['mask']:>8.4f} {took['rows']:>8.4f} "
+              f"{took['unpacked']:>10.4f} | {took['rows'] / took['mask']:>9.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", action="store_true", help="benchmark the fused log-prob kernel")
     parser.add_argument("--generate", action="store_true", help="benchmark KV-cache generation and loading")
     parser.add_argument("--train", action="store_true", help="benchmark SFT / DPO / IOPO training steps")
+    parser.add_argument("--attention", action="store_true", help="benchmark the attention of packed rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where to run (--kernel: cpu = float32 table, cuda = bfloat16 table)")
     parser.add_argument("--tokens", type=int, default=None, help="--kernel: tokens N (default: the standard shapes)")
@@ -581,14 +629,16 @@ def main():
     parser.add_argument("--train-compile", action="store_true",
                         help="--train --device cuda: torch.compile each block (adds compile time and 2 warm-up steps)")
     args, rest = parser.parse_known_args()
-    if not (args.kernel or args.generate or args.train):
-        parser.error("choose at least one of --kernel, --generate, --train")
+    if not (args.kernel or args.generate or args.train or args.attention):
+        parser.error("choose at least one of --kernel, --generate, --train, --attention")
     if args.kernel:
         bench_kernel(args)
     if args.generate:
         bench_generate(args)
     if args.train:
         bench_train(args)
+    if args.attention:
+        bench_attention(args)
 
 
 if __name__ == "__main__":
