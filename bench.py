@@ -386,7 +386,7 @@ def _build_train_model(shape, device, lora, grad_checkpointing, bf16, compile=Fa
     return net
 
 
-def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, n_instr=None):
+def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, n_instr=None, profile=False):
     """Time `steps` optimizer steps after `warmup` ones; returns a dict of figures (or raises OOM)."""
     import time
     import contextlib
@@ -434,6 +434,15 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
             torch.cuda.set_sync_debug_mode("default")
             syncs = sum("synchroniz" in str(w.message) for w in caught)
             sync()
+        if profile:  # where one step's time goes, by operator (GPU time on CUDA)
+            from torch.profiler import ProfilerActivity
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                step()
+                sync()
+            key = "cuda_time_total" if on_gpu else "cpu_time_total"
+            print(f"profile of one {method.upper()}{' packed ' + pack if pack else ''} step:\n"
+                  + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
         times = []
         clock = time.perf_counter if on_gpu else time.process_time  # CPU: see the banner
         for _ in range(steps):
@@ -524,7 +533,8 @@ def bench_train(args):
     warmup, steps = (2 + 2 * args.train_compile, 3) if args.quick else (3 + 2 * args.train_compile, 10)
     rate = _matmul_rate(device, torch.bfloat16, 8192 if on_gpu else 256)
     where = torch.cuda.get_device_name() if on_gpu else "CPU (logic check of the CUDA path)"
-    print(f"train, {where}, bf16 autocast, gradient checkpointing, median of {steps} steps after {warmup}; "
+    checkpointing = "no gradient checkpointing" if args.train_no_checkpointing else "gradient checkpointing"
+    print(f"train, {where}, bf16 autocast, {checkpointing}, median of {steps} steps after {warmup}; "
           f"measured bf16 matmul rate {rate / 1e12:.1f} TFLOP/s; memory = max_memory_allocated", flush=True)
     for shape in shapes:
         _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
@@ -533,15 +543,16 @@ def bench_train(args):
             if on_gpu:
                 torch.cuda.empty_cache()
             try:
-                net = _build_train_model(shape, device, lora, grad_checkpointing=True, bf16=True,
-                                         compile=args.train_compile)
+                net = _build_train_model(shape, device, lora, grad_checkpointing=not args.train_no_checkpointing,
+                                         bf16=True, compile=args.train_compile)
             except torch.cuda.OutOfMemoryError:
                 print(f"{shape} {'LoRA' if lora else 'full'}: out of memory while building the model", flush=True)
                 continue
             rows = []
             for m, p in TRAIN_RUNS:
                 try:
-                    r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True, n_instr=n_instr)
+                    r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True, n_instr=n_instr,
+                                       profile=args.profile and m == "iopo")
                 except torch.cuda.OutOfMemoryError:
                     r = None
                 if on_gpu:
@@ -628,6 +639,10 @@ def main():
                         help="--train --device cuda: instructions per step (default: 4 for Qwen2-0.5B, 1 for 7B)")
     parser.add_argument("--train-compile", action="store_true",
                         help="--train --device cuda: torch.compile each block (adds compile time and 2 warm-up steps)")
+    parser.add_argument("--train-no-checkpointing", action="store_true",
+                        help="--train --device cuda: keep all activations instead of recomputing each block")
+    parser.add_argument("--profile", action="store_true",
+                        help="--train --device cuda: print torch.profiler's operator table for one step of each IOPO run")
     args, rest = parser.parse_known_args()
     if not (args.kernel or args.generate or args.train or args.attention):
         parser.error("choose at least one of --kernel, --generate, --train, --attention")
