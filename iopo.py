@@ -588,8 +588,9 @@ class Scorer(nn.Module):
 
     packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
     (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
-    masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels (see
-    the README's CPU table: "rows" loses at 500 tokens on the CPU, wins at 1,400)."""
+    masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels: on
+    the CPU "rows" loses at 500 tokens and breaks even at about 1,400 (README, `bench.py --attention`); on a
+    GPU, where the mask also rules out flash attention, it is meant to win, but that is not measured yet."""
 
     def __init__(self, model, packed_attention="mask"):
         super().__init__()
@@ -1024,7 +1025,7 @@ def train(cfg):
                 with torch.no_grad(), adapters_disabled(model), autocast():
                     full = collate([train_set[p] for p in mine], tok.pad_token_id)
                     full["scored_index"] = scored_positions(full, model.config.vocab_size)
-                    full = to_device(full, device)
+                    full = to_device({k: pin(v) for k, v in full.items()}, device)
                     ref = ref_scorer(**full).float().sum(-1).view(SEQS_PER_EXAMPLE[kind], -1).T
             else:
                 ref = None

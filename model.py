@@ -299,10 +299,11 @@ CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 class PackedRows:
     """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_b_view).
 
-    An explicit (T x T) mask would take SDPA off its fast causal kernels. Instead: one causal pass over the
-    packed row, which is exact for x and y_a (they only look back into [x, y_a]), and one causal pass over
-    [x, y_b] gathered from it (b_index, (R, TB)), whose y_b outputs replace the packed row's (flat b_src ->
-    b_dst). Both passes are plain causal attention: flash on the GPU, no mask in memory."""
+    The other way to keep y_b from seeing y_a is an explicit (T x T) mask, which takes SDPA off its causal
+    kernels (flash on the GPU). Here instead: one causal pass over the packed row, which is exact for x and
+    y_a (they only look back into [x, y_a]), and one causal pass over [x, y_b] gathered from it (b_index,
+    (R, TB)), whose y_b outputs replace the packed row's (flat b_src -> b_dst). No mask is built, and x's
+    attention is computed twice."""
     b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
     b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
     b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
