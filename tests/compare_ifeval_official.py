@@ -68,7 +68,8 @@ def write_punkt_tab():
 
 ORTHO_HEADER = """\
 # Words that NLTK's English Punkt model saw in lower case, read off its learned orthographic table
-# (nltk_data, tokenizers/punkt_tab/english/ortho_context.tab; Apache License 2.0). eval.py's sentence
+# (punkt_tab/english/ortho_context.tab of NLTK's data, Apache License 2.0, as loaded by NLTK 3.10's
+# PunktTokenizer("english")). eval.py's sentence
 # splitter uses it the way Punkt does: after an initial such as "A." a capitalised word that was seen in lower
 # case starts a new sentence, and one that never was (a name) does not.
 # Written by: python tests/compare_ifeval_official.py --write-ortho-table
