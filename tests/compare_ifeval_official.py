@@ -69,9 +69,9 @@ def write_punkt_tab():
 ORTHO_HEADER = """\
 # Words that NLTK's English Punkt model saw in lower case, read off its learned orthographic table
 # (punkt_tab/english/ortho_context.tab of NLTK's data, Apache License 2.0, as loaded by NLTK 3.10's
-# PunktTokenizer("english")). eval.py's sentence
-# splitter uses it the way Punkt does: after an initial such as "A." a capitalised word that was seen in lower
-# case starts a new sentence, and one that never was (a name) does not.
+# PunktTokenizer("english")). eval.py's sentence splitter uses it the way Punkt does: after an initial such
+# as "A." a capitalised word that was seen in lower case starts a new sentence, and one that never was (a
+# name) does not.
 # Written by: python tests/compare_ifeval_official.py --write-ortho-table
 # [start]: seen in lower case and capitalised only at sentence starts (capitalised, it surely starts one).
 # [lower]: seen in lower case and also capitalised inside a sentence.
