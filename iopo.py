@@ -582,9 +582,9 @@ class Scorer(nn.Module):
     Packed rows (data.collate_packed: segment_ids, position_ids, labels_b) return (2, R, T-1): the log-probs
     under `labels` (y_a) and under `labels_b` (y_b), both read from the same hidden states.
 
-    Rows must be right-padded, as data.py's collators make them: padding then comes after every real token,
-    causal attention alone keeps it unseen, and the model runs without a padding mask (an explicit mask would
-    take SDPA off its flash kernel). On the CPU, where reading the mask costs nothing, this is checked.
+    Rows must be right-padded, as data.py's collators make them (scored_positions checks it): padding then
+    comes after every real token, causal attention alone keeps it unseen, and the model runs without a
+    padding mask (an explicit mask would take SDPA off its flash kernel).
 
     packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
     (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
@@ -606,8 +606,6 @@ class Scorer(nn.Module):
         elif segment_ids is not None:  # the same rule as one (R, 1, T, T) mask: y_b never sees y_a
             attention_mask = packed_attention_mask(segment_ids)
         else:  # right padding (data.py's collators): causality alone hides it from every real token
-            if attention_mask.device.type == "cpu" and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-                raise ValueError("Scorer: attention_mask has padding before a token; rows must be right-padded")
             attention_mask = None
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (R, T, D)
         weight = self.model.lm_head.weight
@@ -623,8 +621,11 @@ class Scorer(nn.Module):
 
 def scored_positions(batch, vocab_size):
     """The scored_index that Scorer passes to the kernel for `batch` (still on the CPU): flat positions of the
-    scored labels in its (R, T-1) or, for packed rows, (2, R, T-1) layout. Also checks the ids' range here,
-    where reading them costs nothing."""
+    scored labels in its (R, T-1) or, for packed rows, (2, R, T-1) layout. Also checks here, where reading
+    the batch costs nothing, what the Scorer relies on: rows are right-padded and label ids are in range."""
+    mask = batch["attention_mask"]
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("batch has padding before a token; the Scorer needs right-padded rows (data.py's collators)")
     labels = batch["labels"][:, 1:]
     if "labels_b" in batch:
         labels = torch.stack([labels, batch["labels_b"][:, 1:]])

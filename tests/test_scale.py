@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import iopo
 import model as M
@@ -296,4 +297,46 @@ def test_scorer_runs_right_padded_rows_without_a_mask(encoded):
     torch.testing.assert_close(got, masked, rtol=0, atol=1e-5)
     flipped = {k: v.flip(1) for k, v in batch.items()}
     with pytest.raises(ValueError, match="right-padded"):
-        iopo.Scorer(net)(**flipped)
+        iopo.scored_positions(flipped, net.config.vocab_size)
+
+
+class _WaitingOps(TorchDispatchMode):
+    """Records the operators that make the CPU wait for the GPU: reading a value (item, bool, int) or ops
+    whose output size depends on the data (nonzero, masked_select, unique)."""
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "_unique2", "unique_dim",
+             "unique_consecutive")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.NAMES:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind,pack", [("sft", False), ("dpo", False), ("iopo", False), ("dpo", "mask"),
+                                       ("iopo", "mask"), ("iopo", "rows")])
+def test_training_step_never_waits_for_the_device(encoded, kind, pack):
+    """Scorer forward, loss, backward and gradient clipping use no operator that reads values back from the
+    device (run on the CPU, where the same operators would be synchronisations on a GPU)."""
+    net, tok, data, _ = encoded
+    source = data["dpo" if kind == "sft" else kind]
+    examples = [source[i] for i in range(3)]
+    if kind == "sft":
+        batch = COLLATORS["sft"]([ex["w"] for ex in examples], tok.pad_token_id)
+    else:
+        batch = collate_packed(examples, kind, tok.pad_token_id) if pack else COLLATORS[kind](examples, tok.pad_token_id)
+    batch["scored_index"] = iopo.scored_positions(batch, net.config.vocab_size)  # before the step, on the CPU
+    ref = None if kind == "sft" else torch.zeros(3, iopo.SEQS_PER_EXAMPLE[kind])
+    cfg = iopo.TrainConfig(method=kind)
+    n_total = (batch["labels"][:, 1:] != -100).sum().float() if kind == "sft" else None
+    net.zero_grad(set_to_none=True)
+    watch = _WaitingOps()
+    with watch:
+        token_logps = iopo.Scorer(net, pack or "mask")(**batch)
+        loss, _ = iopo.method_loss(cfg, token_logps, batch["labels"], ref, n_total, batch.get("labels_b"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
+    assert not watch.seen, f"{kind} pack={pack}: operators that wait for the device: {watch.seen}"
