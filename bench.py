@@ -579,6 +579,8 @@ def bench_attention(args):
     import model as M
     from data import packed_attention_mask, packed_b_view
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench --attention --device cuda: no CUDA device is visible")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
