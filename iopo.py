@@ -247,6 +247,17 @@ def _triton_usable(device):
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _scored_rows(flat_labels, ignore_index, vocab_size, who):
+    """Indices of the scored labels (only these rows cost anything), after checking that their ids lie in
+    [0, vocab_size). Both steps read the labels' values: on a GPU the CPU waits here."""
+    scored = (flat_labels != ignore_index).nonzero().squeeze(1)
+    y = flat_labels[scored]
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= vocab_size):
+        raise ValueError(f"{who}: labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+                         f"found {int(y.min())}..{int(y.max())}")
+    return scored
+
+
 def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk_size=None, scored_index=None):
     """log p(labels[...] | context) for every position, as float32 of labels' shape; 0.0 where ignored.
 
@@ -286,11 +297,8 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
         scored = scored_index.to(flat_labels.device)
         y = flat_labels[scored]
     else:
-        scored = (flat_labels != ignore_index).nonzero().squeeze(1)  # only these rows cost anything
+        scored = _scored_rows(flat_labels, ignore_index, weight.shape[0], "token_logprobs")
         y = flat_labels[scored]
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
-            raise ValueError(f"token_logprobs: labels must lie in [0, {weight.shape[0]}) or equal "
-                             f"ignore_index={ignore_index}; found {int(y.min())}..{int(y.max())}")
     h = flat_hidden if len(scored) == len(flat_labels) else flat_hidden[scored]  # (n, D)
     rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
@@ -629,13 +637,7 @@ def scored_positions(batch, vocab_size):
     labels = batch["labels"][:, 1:]
     if "labels_b" in batch:
         labels = torch.stack([labels, batch["labels_b"][:, 1:]])
-    flat = labels.reshape(-1)
-    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    y = flat[index]
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= vocab_size):
-        raise ValueError(f"batch labels must lie in [0, {vocab_size}) (the model's vocabulary) or be "
-                         f"{IGNORE_INDEX}; found {int(y.min())}..{int(y.max())}")
-    return index
+    return _scored_rows(labels.reshape(-1), IGNORE_INDEX, vocab_size, "batch")
 
 
 SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
