@@ -557,7 +557,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
-    packed_attention: str = "mask"  # with --pack: mask (one T x T mask) | rows (two causal passes, model.PackedRows)
+    packed_attention: str = "auto"  # with --pack: mask (one T x T mask) | rows (two causal passes, model.PackedRows)
+    # | auto: rows on a GPU, where it was faster at every measured length, mask on the CPU (faster at toy lengths)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
@@ -597,8 +598,9 @@ class Scorer(nn.Module):
     packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
     (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
     masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels: on
-    the CPU "rows" loses at 500 tokens and breaks even at about 1,400 (README, `bench.py --attention`); on a
-    GPU, where the mask also rules out flash attention, it is meant to win, but that is not measured yet."""
+    the CPU "rows" loses at 500 tokens and breaks even at about 1,400; on an H100, where the mask also rules
+    out flash attention, "rows" took 0.42x the mask's attention time at 1,280 + 2 x 768 tokens (README,
+    `bench.py --attention`). train() picks rows on a GPU and mask on the CPU unless told."""
 
     def __init__(self, model, packed_attention="mask"):
         super().__init__()
@@ -617,7 +619,13 @@ class Scorer(nn.Module):
             attention_mask = None
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (R, T, D)
         weight = self.model.lm_head.weight
-        if weight.dtype != hidden.dtype:  # autocast: a bfloat16 view of the float32 head, gradient flows back
+        if torch.is_autocast_enabled(hidden.device.type):
+            # The head is a matmul like any Linear, so under autocast it runs in the autocast dtype (bfloat16
+            # views of float32 weights; the gradient flows back through the cast). Without this it would follow
+            # the final norm's float32 output: on an H100 the float32 head took 264 of a 491 ms Qwen2-0.5B step.
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
         if labels_b is None:  # (R, T-1): token t scored from t-1
             return token_logprobs(hidden[:, :-1], weight, labels[:, 1:], scored_index=scored_index)
@@ -919,8 +927,10 @@ def train(cfg):
     (rank, world), device = setup_distributed(device)
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
-    if cfg.packed_attention not in ("mask", "rows"):
-        raise ValueError(f"--packed-attention must be mask or rows, got {cfg.packed_attention!r}")
+    if cfg.packed_attention not in ("mask", "rows", "auto"):
+        raise ValueError(f"--packed-attention must be mask, rows or auto, got {cfg.packed_attention!r}")
+    packed_attention = {"auto": "rows" if device.type == "cuda" else "mask"}.get(cfg.packed_attention,
+                                                                                cfg.packed_attention)
     if cfg.fsdp and (world == 1 or cfg.save_every or resume_dir is not None):
         raise ValueError("--fsdp shards the model over torchrun's processes (run it under torchrun with 2 or more); "
                          "it saves only the final model (gathered on rank 0), so --save-every and --resume are "
@@ -955,10 +965,10 @@ def train(cfg):
     model = load_model(source, dtype=load_dtype, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
-    if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all
-        for layer in model.model.layers:
-            layer.compile()
-    scorer = Scorer(model, cfg.packed_attention)
+    if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all;
+        for layer in model.model.layers:  # dynamic: batch widths change every step, and this compiles once
+            layer.compile(dynamic=True)
+    scorer = Scorer(model, packed_attention)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else contextlib.nullcontext)
 

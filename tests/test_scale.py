@@ -300,6 +300,25 @@ def test_scorer_runs_right_padded_rows_without_a_mask(encoded):
         iopo.scored_positions(flipped, net.config.vocab_size)
 
 
+def test_scorer_head_runs_in_the_autocast_dtype(encoded):
+    """Under autocast the head's matmuls take bfloat16 views of the float32 hidden states and weight (as a
+    Linear would), not the float32 that the final norm returns; the gradient still reaches the float32 weight."""
+    net, tok, data, _ = encoded
+    batch = COLLATORS["dpo"]([data["dpo"][i] for i in range(2)], tok.pad_token_id)
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = iopo.Scorer(net)(**batch)
+        with torch.no_grad():
+            hidden = net(batch["input_ids"])
+    assert hidden.dtype == torch.float32  # the residual stream of float32 weights stays float32
+    want = iopo.token_logprobs(hidden[:, :-1].bfloat16(), net.lm_head.weight.bfloat16(), batch["labels"][:, 1:])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.sum().backward()
+    grad = net.lm_head.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
+    net.zero_grad(set_to_none=True)
+
+
 class _WaitingOps(TorchDispatchMode):
     """Records the operators that make the CPU wait for the GPU: reading a value (item, bool, int) or ops
     whose output size depends on the data (nonzero, masked_select, unique)."""
