@@ -123,6 +123,13 @@ def test_fsdp_needs_torchrun():
         iopo.main(["dpo", "--data", "unused.jsonl", "--fsdp", "--device", "cpu"])
 
 
+def test_packed_attention_choice_is_checked():
+    """An unknown --packed-attention value stops before anything is loaded, naming the choices."""
+    with pytest.raises(ValueError, match="--packed-attention must be mask, rows or auto"):
+        iopo.train(iopo.TrainConfig(method="dpo", data="unused.jsonl", pack=True, packed_attention="flash",
+                                    device="cpu"))
+
+
 # --- shared-prompt packing
 
 
