@@ -309,12 +309,19 @@ class PackedRows:
     b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
 
 
+def repeat_kv(t, n):
+    """GQA: (B, KV, S, hd) -> (B, KV * n, S, hd), each key/value head serving n consecutive query heads."""
+    return t if n == 1 else t.repeat_interleave(n, dim=1)
+
+
 def packed_rows_attention(q, k, v, rows):
-    """Causal attention for PackedRows: q, k, v (R, H, T, hd) with RoPE applied -> (R, H, T, hd)."""
+    """Causal attention for PackedRows: q (R, H, T, hd), k and v (R, KV, T, hd), RoPE applied -> (R, H, T, hd)."""
     R, H, T, hd = q.shape
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # right for x and y_a
-    idx = rows.b_index[:, None, :, None].expand(R, H, rows.b_index.shape[1], hd)
-    y_b = F.scaled_dot_product_attention(q.gather(2, idx), k.gather(2, idx), v.gather(2, idx), is_causal=True)
+    n = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), is_causal=True)  # right for x, y_a
+    gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
+    # k and v are gathered before the GQA repeat: H / KV times fewer rows to copy
+    y_b = F.scaled_dot_product_attention(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), is_causal=True)
     flat = y.transpose(1, 2).reshape(R * T, H * hd)
     flat_b = y_b.transpose(1, 2).reshape(-1, H * hd)
     flat = flat.index_copy(0, rows.b_dst, flat_b.index_select(0, rows.b_src))  # y_b's rows from the second pass
@@ -341,18 +348,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, hd), S = cached + T
-        if self.n_kv != self.n_heads:  # GQA: each key/value head serves H/KV consecutive query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         # mask is None (plain causal), "all" (one new token sees the whole cache), a (B, 1, T, S) bool tensor,
         # or PackedRows (shared-prompt rows [x, y_a, y_b])
+        n = self.n_heads // self.n_kv
         with sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
             if isinstance(mask, PackedRows):
                 y = packed_rows_attention(q, k, v, mask)
             elif isinstance(mask, torch.Tensor):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=mask)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None)
+                y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
