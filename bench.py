@@ -314,6 +314,7 @@ TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer token
 # ("mask", iopo.py's default) or through model.PackedRows ("rows": two causal passes)
 TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", "mask"), ("dpo", "rows"), ("iopo", False), ("iopo", "mask"),
               ("iopo", "rows")]
+RUN_NAMES = [m + {False: "", "mask": "-packed", "rows": "-rows"}[p] for m, p in TRAIN_RUNS]  # for --train-runs
 
 
 def _synthetic_examples(method, n, prompt, answer, vocab, seed=0):
@@ -378,9 +379,9 @@ def _build_train_model(shape, device, lora, grad_checkpointing, bf16, compile=Fa
     net.init_weights()
     net.tie_weights()
     net.gradient_checkpointing = grad_checkpointing
-    if compile:  # as iopo.train --compile: each block on its own
+    if compile:  # as iopo.train --compile: each block on its own, dynamic shapes
         for layer in net.model.layers:
-            layer.compile()
+            layer.compile(dynamic=True)
     if lora:
         iopo.add_lora(net, rank=16, alpha=32, dropout=0.0)
     return net
@@ -511,6 +512,13 @@ def _print_train_table(title, rows, rate):
 def bench_train(args):
     import torch
     label = lambda m, p: m.upper() + {False: "", "mask": " packed", "rows": " packed, rows"}[p]
+    wanted = args.train_runs.split(",")
+    if set(wanted) - set(RUN_NAMES):
+        raise SystemExit(f"bench --train-runs: unknown {sorted(set(wanted) - set(RUN_NAMES))}; choose from {RUN_NAMES}")
+    runs = [run for run, name in zip(TRAIN_RUNS, RUN_NAMES) if name in wanted]
+    modes = args.train_modes.split(",")
+    if not modes or set(modes) - {"full", "lora"}:
+        raise SystemExit(f"bench --train-modes: expected full and/or lora, got {args.train_modes!r}")
     if args.device == "cpu":
         shape = args.shapes if args.shapes in ("tiny", "toy") else "toy"
         warmup, steps = (1, 3) if args.quick else (2, 7)
@@ -520,8 +528,10 @@ def bench_train(args):
               "configuration in a fresh process; memory = peak RSS above the built model; MFU against a "
               "1024^3 float32 matmul timed in the same process")
         for lora in ((False,) if args.quick else (False, True)):
+            if ("lora" if lora else "full") not in modes:
+                continue
             rows = [(label(m, p), m, p, _train_cpu_run(shape, m, p, lora, warmup, steps, args.train_threads))
-                    for m, p in TRAIN_RUNS]
+                    for m, p in runs]
             _print_train_table("full fine-tuning" if not lora else "LoRA rank 16", rows, None)
         return
     on_gpu = torch.cuda.is_available()
@@ -529,7 +539,8 @@ def bench_train(args):
         raise SystemExit("bench --train --device cuda: no CUDA device is visible (--shapes tiny runs the same "
                          "code on the CPU as a logic check)")
     device = torch.device("cuda" if on_gpu else "cpu")
-    shapes = ["tiny"] if args.shapes == "tiny" else ["qwen2-0.5b", "qwen2-7b"]
+    shapes = {"tiny": ["tiny"], "qwen2-0.5b": ["qwen2-0.5b"], "qwen2-7b": ["qwen2-7b"]}.get(
+        args.shapes, ["qwen2-0.5b", "qwen2-7b"])
     warmup, steps = (2 + 2 * args.train_compile, 3) if args.quick else (3 + 2 * args.train_compile, 10)
     rate = _matmul_rate(device, torch.bfloat16, 8192 if on_gpu else 256)
     where = torch.cuda.get_device_name() if on_gpu else "CPU (logic check of the CUDA path)"
@@ -540,6 +551,8 @@ def bench_train(args):
         _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
         n_instr = args.train_batch or n_instr
         for lora in ((False, True) if shape != "qwen2-7b" else (True,)):
+            if ("lora" if lora else "full") not in modes and shape != "qwen2-7b":
+                continue
             if on_gpu:
                 torch.cuda.empty_cache()
             try:
@@ -549,7 +562,7 @@ def bench_train(args):
                 print(f"{shape} {'LoRA' if lora else 'full'}: out of memory while building the model", flush=True)
                 continue
             rows = []
-            for m, p in TRAIN_RUNS:
+            for m, p in runs:
                 try:
                     r = train_step_run(net, shape, m, p, lora, device, warmup, steps, bf16=True, n_instr=n_instr,
                                        profile=args.profile and m == "iopo")
@@ -569,7 +582,8 @@ def bench_train(args):
 # Forward + backward of the attention call alone for rows [x, y_a, y_b], and, as the floor, the same prompts
 # unpacked (two causal rows [x, y] each). CPU: float32, one thread, CPU seconds. CUDA: bfloat16, GPU seconds.
 
-ATTENTION_SHAPES = [(4, 4, 64, 304, 100), (4, 8, 64, 640, 384), (8, 14, 64, 1280, 768)]  # rows, H, hd, |x|, |y|
+ATTENTION_SHAPES = [(4, 4, 2, 64, 304, 100), (4, 8, 2, 64, 640, 384),  # rows, heads, kv heads, hd, |x|, |y|
+                    (8, 14, 2, 64, 1280, 768)]  # the last: Qwen2-0.5B's heads at the --train lengths
 
 
 def bench_attention(args):
@@ -586,17 +600,21 @@ def bench_attention(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     print(f"packed attention, forward + backward, {dtype}, median of 5 after 1 ({device.type})")
-    print(f"{'rows x H x hd':>14} {'|x| + 2|y|':>12} | {'mask s':>8} {'rows s':>8} {'unpacked s':>10} | {'rows/mask':>9}")
+    print(f"{'rows x H/KV x hd':>16} {'|x| + 2|y|':>12} | {'mask s':>8} {'rows s':>8} {'unpacked s':>10} | "
+          f"{'rows/mask':>9}")
     shapes = ATTENTION_SHAPES if device.type == "cuda" else ATTENTION_SHAPES[:2]
-    for R, H, hd, P, A in shapes:
+    for R, H, KV, hd, P, A in shapes:
         seg = torch.tensor([[1] * P + [2] * A + [3] * A] * R)
         rows = M.PackedRows(*(t.to(device) for t in packed_b_view(seg).values()))
         mask = packed_attention_mask(seg).to(device)
-        q, k, v = (torch.randn(R, H, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        plain = lambda t: t[:, :, :P + A].repeat(2, 1, 1, 1)  # (2R, H, P + A, hd): [x, y] twice per prompt
-        calls = {"mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        q = torch.randn(R, H, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(R, KV, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        full = lambda t: M.repeat_kv(t, H // KV)  # what the mask and unpacked layouts attend over
+        plain = lambda t: t[:, :, :P + A].repeat(2, 1, 1, 1)  # (2R, heads, P + A, hd): [x, y] twice per prompt
+        calls = {"mask": lambda: F.scaled_dot_product_attention(q, full(k), full(v), attn_mask=mask),
                  "rows": lambda: M.packed_rows_attention(q, k, v, rows),
-                 "unpacked": lambda: F.scaled_dot_product_attention(plain(q), plain(k), plain(v), is_causal=True)}
+                 "unpacked": lambda: F.scaled_dot_product_attention(plain(q), full(plain(k)), full(plain(v)),
+                                                                    is_causal=True)}
         took = {}
         for name, call in calls.items():
             times = []
@@ -608,7 +626,7 @@ def bench_attention(args):
                     sync()
                     times.append(clock() - start)
             took[name] = sorted(times[1:])[2]
-        print(f"{f'{R} x {H} x {hd}':>14} {f'{P} + 2x{A}':>12} | {took['mask']:>8.4f} {took['rows']:>8.4f} "
+        print(f"{f'{R} x {H}/{KV} x {hd}':>16} {f'{P} + 2x{A}':>12} | {took['mask']:>8.4f} {took['rows']:>8.4f} "
               f"{took['unpacked']:>10.4f} | {took['rows'] / took['mask']:>9.2f}", flush=True)
 
 
@@ -631,9 +649,13 @@ def main():
                         help="--generate: torch threads for the speed table (1: stable on a shared machine)")
     parser.add_argument("--load-sizes", default="toy,small,medium",
                         help="--generate: checkpoint sizes to load, from toy (27 MB), small (214 MB), medium (766 MB)")
-    parser.add_argument("--shapes", default=None, choices=["tiny", "toy", "qwen2"],
+    parser.add_argument("--shapes", default=None, choices=["tiny", "toy", "qwen2", "qwen2-0.5b", "qwen2-7b"],
                         help="--train: model sizes (CPU default toy; CUDA default qwen2 = Qwen2-0.5B and 7B shapes; "
                              "tiny checks the logic in seconds, also of --device cuda on a machine without a GPU)")
+    parser.add_argument("--train-runs", default=",".join(RUN_NAMES),
+                        help="--train: which rows, comma-separated from " + ", ".join(RUN_NAMES))
+    parser.add_argument("--train-modes", default="full,lora",
+                        help="--train --device cuda: full and/or lora (Qwen2-7B is always LoRA)")
     parser.add_argument("--quick", action="store_true",
                         help="--train: fewer steps (CPU 1 + 3, CUDA 2 warm-up + 3 timed; full fine-tuning only on CPU)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads on the CPU")
