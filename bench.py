@@ -3,7 +3,7 @@
     python bench.py --kernel      # fused log-prob kernel vs log_softmax + gather (iopo.py)
     python bench.py --generate    # generation with the KV cache vs recomputing the prefix; load time (model.py)
     python bench.py --train       # SFT vs DPO vs IOPO step time and peak memory (iopo.py)
-    python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (about 1 min on an H100)
+    python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (78 s on an H100)
     python bench.py --attention   # packed rows: two causal attention passes vs one explicit mask (model.py)
 
 Figures go into the README together with the command that produced them. Nothing here is asserted in a
@@ -311,7 +311,7 @@ TRAIN_SHAPES = {  # name: (model.ModelConfig fields, prompt tokens, answer token
                       tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768), 1280, 768, 1),
 }
 # (method, packing): packed rows attend through the explicit (T x T) mask of data.packed_attention_mask
-# ("mask", iopo.py's default) or through model.PackedRows ("rows": two causal passes)
+# ("mask", iopo.py's default on the CPU) or through model.PackedRows ("rows": two causal passes, its GPU default)
 TRAIN_RUNS = [("sft", False), ("dpo", False), ("dpo", "mask"), ("dpo", "rows"), ("iopo", False), ("iopo", "mask"),
               ("iopo", "rows")]
 RUN_NAMES = [m + {False: "", "mask": "-packed", "rows": "-rows"}[p] for m, p in TRAIN_RUNS]  # for --train-runs
