@@ -1,11 +1,17 @@
 """Shared pytest fixtures: a tiny model config, a seeded tiny model, and a tiny ChatML tokenizer folder."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite is CPU-only by design (GPU figures come from bench.py): with a GPU visible, device "auto" would
+# move some tests there, and the DDP tests fork after CUDA work, which PyTorch refuses. Hide it before torch
+# is imported; tests and the processes they start then run the same on every machine.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402

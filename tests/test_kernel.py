@@ -166,7 +166,12 @@ print("OK")
 
 def test_triton_interpreter_matches_naive():
     """The Triton kernels (TRITON_INTERPRET=1 on the CPU) equal the reference, float32 and bfloat16, both heads."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+        # Seen with Triton 3.6.0 (with numpy 2.4.6 and 2.5.2): its interpreter hands scalar kernel arguments over
+        # as 1-element arrays, and `range(0, V, BLOCK_V)` then fails in numpy's int(); 3.7, 3.8 and 3.9 run it.
+        # The compiled kernel is not affected (bench.py --kernel / --train ran with 3.6 on an H100).
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; .ci/run installs 3.9.0")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
