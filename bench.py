@@ -591,7 +591,7 @@ def bench_attention(args):
     import torch
     import torch.nn.functional as F
     import model as M
-    from data import packed_attention_mask, packed_b_view
+    from data import packed_attention_mask, packed_views
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench --attention --device cuda: no CUDA device is visible")
@@ -605,7 +605,7 @@ def bench_attention(args):
     shapes = ATTENTION_SHAPES if device.type == "cuda" else ATTENTION_SHAPES[:2]
     for R, H, KV, hd, P, A in shapes:
         seg = torch.tensor([[1] * P + [2] * A + [3] * A] * R)
-        rows = M.PackedRows(*(t.to(device) for t in packed_b_view(seg).values()))
+        rows = M.PackedRows(**{k: t.to(device) for k, t in packed_views(seg).items()})
         mask = packed_attention_mask(seg).to(device)
         q = torch.randn(R, H, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(R, KV, P + 2 * A, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(2))

@@ -817,8 +817,8 @@ def collate_packed(batch, kind, pad_id, multiple=8):
     """Packed rows for DPO (B rows) or IOPO (2B rows, blocks of B: x1 rows then x2 rows), right-padded.
 
     Returns input_ids, labels, labels_b, position_ids, segment_ids, attention_mask (1 on tokens), all
-    (R, T) long, and packed_b_view's b_index, b_src, b_dst, which model.PackedRows turns into attention that
-    keeps y_b from seeing y_a. packed_attention_mask(segment_ids) gives the same rule as an (R, 1, T, T) mask."""
+    (R, T) long, and packed_views' a_index, b_index, b_src, b_dst, which model.PackedRows turns into attention
+    that keeps y_b from seeing y_a. packed_attention_mask(segment_ids) gives the same rule as an (R, 1, T, T) mask."""
     if kind not in PACKED_PAIRS:
         raise ValueError(f"collate_packed: kind must be dpo or iopo, got {kind!r}")
     rows = [pack_pair(ex[a], ex[b]) for a, b in PACKED_PAIRS[kind] for ex in batch]
@@ -830,19 +830,20 @@ def collate_packed(batch, kind, pad_id, multiple=8):
         for k in fill:
             out[k][i, :len(r[k])] = torch.tensor(r[k], dtype=torch.long)
     out["attention_mask"] = (out["segment_ids"] != 0).long()
-    out.update(packed_b_view(out["segment_ids"]))
+    out.update(packed_views(out["segment_ids"]))
     return out
 
 
-def packed_b_view(segment_ids):
-    """Where y_b's attention reads from, for model.PackedRows (computed on the CPU, so the step never waits).
+def packed_views(segment_ids):
+    """Where each answer's attention reads from, for model.PackedRows (computed on the CPU: the step never waits).
 
-    Causal attention over a packed row is already right for x and y_a, which only look back into [x, y_a].
-    y_b needs [x, y_b] without y_a: a second, shorter causal row gathered from the packed one. Returns
-    b_index (R, TB): packed positions of [x, y_b] per row, right-padded with 0 (padding sits after every real
-    token, so causality keeps it unseen); b_src and b_dst (n,): each y_b token's flat index in that view
-    (row * TB + t) and in the packed batch (row * T + t)."""
+    Each answer must see [x, y] with its own y only. [x, y_a] is the start of every packed row, so its view is
+    a prefix: a_index (R, TA), 0..TA-1 per row, TA the longest [x, y_a] (only the shape is used). [x, y_b]
+    is gathered: b_index (R, TB), the packed positions of [x, y_b] per row, right-padded with 0 (padding
+    sits after every real token, so causality keeps it unseen); b_src and b_dst (n,): each y_b token's flat
+    index in that view (row * TB + t) and in the packed batch (row * T + t)."""
     R, T = segment_ids.shape
+    a_len = int(((segment_ids == PROMPT) | (segment_ids == ANSWER_A)).sum(1).max())
     keep = [((row == PROMPT) | (row == ANSWER_B)).nonzero().squeeze(1) for row in segment_ids]
     width = max(len(k) for k in keep)
     b_index = torch.zeros(R, width, dtype=torch.long)
@@ -852,7 +853,8 @@ def packed_b_view(segment_ids):
         in_view = (row[k] == ANSWER_B).nonzero().squeeze(1)  # y_b's places inside [x, y_b]
         src.append(r * width + in_view)
         dst.append(r * T + k[in_view])
-    return {"b_index": b_index, "b_src": torch.cat(src), "b_dst": torch.cat(dst)}
+    return {"a_index": torch.arange(a_len).expand(R, a_len).contiguous(), "b_index": b_index,
+            "b_src": torch.cat(src), "b_dst": torch.cat(dst)}
 
 
 def packed_attention_mask(segment_ids):

@@ -610,9 +610,9 @@ class Scorer(nn.Module):
         self.packed_attention = packed_attention
 
     def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None,
-                b_index=None, b_src=None, b_dst=None, scored_index=None):
+                a_index=None, b_index=None, b_src=None, b_dst=None, scored_index=None):
         if segment_ids is not None and self.packed_attention == "rows":  # packed [x, y_a, y_b]: two causal passes
-            attention_mask = PackedRows(b_index, b_src, b_dst)
+            attention_mask = PackedRows(a_index, b_index, b_src, b_dst)
         elif segment_ids is not None:  # the same rule as one (R, 1, T, T) mask: y_b never sees y_a
             attention_mask = packed_attention_mask(segment_ids)
         else:  # right padding (data.py's collators): causality alone hides it from every real token

@@ -297,13 +297,16 @@ CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 @dataclass
 class PackedRows:
-    """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_b_view).
+    """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_views).
 
     The other way to keep y_b from seeing y_a is an explicit (T x T) mask, which takes SDPA off its causal
-    kernels (flash on the GPU). Here instead: one causal pass over the packed row, which is exact for x and
-    y_a (they only look back into [x, y_a]), and one causal pass over [x, y_b] gathered from it (b_index,
-    (R, TB)), whose y_b outputs replace the packed row's (flat b_src -> b_dst). No mask is built, and x's
-    attention is computed twice."""
+    kernels (flash on the GPU). Here instead two causal passes, each over one answer's own [x, y]:
+    [x, y_a] is a prefix of every packed row, so the first pass is the slice [:TA] (TA = a_index.shape[1],
+    the longest [x, y_a]); [x, y_b] is gathered (b_index, (R, TB)), and its y_b outputs are written into the
+    packed row (flat b_src -> b_dst). No mask is built; x's attention is computed twice, which is what an
+    unpacked batch computes too, while everything else in the block sees x once."""
+    a_index: torch.Tensor  # (R, TA) 0..TA-1 per row: the positions of [x, y_a]. Only its shape is read: a
+    # size that torch.compile can treat as dynamic, where a Python int would be specialised (a recompile per TA)
     b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
     b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
     b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
@@ -317,8 +320,12 @@ def repeat_kv(t, n):
 def packed_rows_attention(q, k, v, rows):
     """Causal attention for PackedRows: q (R, H, T, hd), k and v (R, KV, T, hd), RoPE applied -> (R, H, T, hd)."""
     R, H, T, hd = q.shape
-    n = H // k.shape[1]
-    y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), is_causal=True)  # right for x, y_a
+    n, TA = H // k.shape[1], rows.a_index.shape[1]
+    # [x, y_a]: the prefix. A shorter row's positions before TA past its own y_a hold its y_b (replaced below)
+    # or padding; [x, y_a] never looks at them, being earlier. Positions from TA on start at zero.
+    a = lambda t: t[:, :, :TA]
+    y = F.scaled_dot_product_attention(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), is_causal=True)
+    y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
     gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
     # k and v are gathered before the GQA repeat: H / KV times fewer rows to copy
     y_b = F.scaled_dot_product_attention(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), is_causal=True)

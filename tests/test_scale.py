@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import iopo
 import model as M
 from data import (COLLATORS, EncodedDataset, RecordFile, collate_packed, pack_pair, packed_attention_mask,
-                  packed_b_view)
+                  packed_views)
 from test_train import write_data
 
 
@@ -150,9 +150,11 @@ def test_pack_pair_layout():
     with pytest.raises(ValueError, match="different prompts"):
         pack_pair(a, {"input_ids": [5, 6, 1, 2], "labels": [P, P, P, 2]})
     # y_b's second attention pass reads [x, y_b] = packed positions 0 1 2 5 6 7; a shorter second row pads
-    view = packed_b_view(torch.tensor([row["segment_ids"] + [0, 0], [1, 1, 2, 3, 0, 0, 0, 0, 0, 0]]))
+    view = packed_views(torch.tensor([row["segment_ids"] + [0, 0], [1, 1, 2, 3, 0, 0, 0, 0, 0, 0]]))
     assert view["b_index"].tolist() == [[0, 1, 2, 5, 6, 7], [0, 1, 3, 0, 0, 0]], view["b_index"]
     assert view["b_src"].tolist() == [3, 4, 5, 6 + 2] and view["b_dst"].tolist() == [5, 6, 7, 10 + 3], view
+    # the first pass is the prefix [x, y_a] of the longest one (3 + 2 tokens in the first row)
+    assert view["a_index"].tolist() == [list(range(5))] * 2, view["a_index"]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,7 @@ def _sums64(net, batch, layout="rows"):
     if "segment_ids" not in batch:
         mask = batch["attention_mask"]
     elif layout == "rows":
-        mask = M.PackedRows(batch["b_index"], batch["b_src"], batch["b_dst"])
+        mask = M.PackedRows(batch["a_index"], batch["b_index"], batch["b_src"], batch["b_dst"])
     else:
         mask = packed_attention_mask(batch["segment_ids"])
     hidden = net(batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"))
@@ -202,7 +204,10 @@ def test_packed_logprobs_equal_unpacked_float64(encoded, kind, layout):
     net = M.load_model(base, dtype=torch.float64)
     examples = [data[kind][i] for i in range(6)]
     plain = _sums64(net, COLLATORS[kind](examples, tok.pad_token_id))[0]  # (kB,) in the collator's row order
-    packed = _sums64(net, collate_packed(examples, kind, tok.pad_token_id), layout)  # (2, R)
+    batch = collate_packed(examples, kind, tok.pad_token_id)
+    a_lens = ((batch["segment_ids"] == 1) | (batch["segment_ids"] == 2)).sum(1)
+    assert (a_lens < batch["a_index"].shape[1]).any(), "needs a row whose y_b starts inside the first pass's prefix"
+    packed = _sums64(net, batch, layout)  # (2, R)
     order = packed.flatten() if kind == "dpo" else torch.cat([packed[0, :6], packed[1, :6], packed[0, 6:], packed[1, 6:]])
     worst = (order - plain).abs().max().item()
     assert worst < 1e-10, f"{kind}: packed vs unpacked log-probs differ by {worst} (float64); {order} vs {plain}"
