@@ -598,8 +598,9 @@ class Scorer(nn.Module):
     packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
     (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
     masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels: on
-    the CPU "rows" loses at 500 tokens and breaks even at about 1,400; on an H100, where the mask also rules
-    out flash attention, "rows" took 0.42x the mask's attention time at 1,280 + 2 x 768 tokens (README,
+    the CPU "rows" loses at 500 tokens (1.4-1.5x the mask's time) and wins at 1,400 (0.8x); on an H100, where
+    the mask also rules out flash attention, "rows" took 0.42x the mask's attention time at 1,280 + 2 x 768
+    tokens, and that was its first version, which attended over the whole row in the first pass (README,
     `bench.py --attention`). train() picks rows on a GPU and mask on the CPU unless told."""
 
     def __init__(self, model, packed_attention="mask"):
