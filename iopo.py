@@ -557,7 +557,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
-    packed_attention: str = "auto"  # with --pack: mask (T x T mask) | rows (2 causal passes) | auto (GPU rows, CPU mask)
+    packed_attention: str = "auto"  # with --pack: mask (T x T) | rows (two causal passes) | auto (GPU rows, CPU mask)
     # (rows: model.PackedRows; it won every GPU training run measured, at 2k tokens; the mask is faster at toy lengths)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
