@@ -277,6 +277,41 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(encoded, pack):
                                    msg=lambda m: f"{name}: gradient with checkpointing differs: {m}")
 
 
+def test_compiled_blocks_match_eager(encoded):
+    """Blocks compiled as iopo.train --compile does (each block, dynamic shapes; here with the aot_eager backend:
+    dynamo and AOTAutograd without code generation, so no C compiler is needed) give eager's IOPO loss and
+    gradients under checkpointing, unpacked and packed (PackedRows), at two batch shapes; one graph per
+    attention layout serves every layer and every shape."""
+    _, tok, data, base = encoded
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = M.load_model(base), M.load_model(base)
+    for net in (eager, compiled):
+        net.train()
+        net.gradient_checkpointing = True
+    for layer in compiled.model.layers:
+        layer.compile(backend="aot_eager", dynamic=True)
+    cfg = iopo.TrainConfig(method="iopo")
+    try:
+        for n, pack in ((4, False), (3, False), (3, True)):
+            examples = [data["iopo"][i] for i in range(n)]
+            batch = (collate_packed(examples, "iopo", tok.pad_token_id) if pack
+                     else COLLATORS["iopo"](examples, tok.pad_token_id))
+            want = _step(eager, cfg, batch, torch.zeros(n, 4), "rows")
+            got = _step(compiled, cfg, batch, torch.zeros(n, 4), "rows")
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+            for name, g in want[2].items():
+                torch.testing.assert_close(got[2][name], g, rtol=0, atol=1e-6,
+                                           msg=lambda m: f"{name} (pack={pack}, {n} examples): {m}")
+        # One graph per layout, plus at most one recompile where a batch size first equals a model dimension
+        # (dynamo then guesses it is that dimension, here 16 rows = head_dim 16); a graph per layer would be 4+
+        graphs, layers = counters["stats"]["unique_graphs"], len(compiled.model.layers)
+        assert graphs < 2 * layers, f"{graphs} graphs for {layers} layers x 2 layouts: one per layer, not shared"
+    finally:
+        torch._dynamo.reset()
+
+
 # --- the GPU step without host-device synchronisation
 
 
