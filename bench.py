@@ -655,7 +655,7 @@ def main():
     parser.add_argument("--train-runs", default=",".join(RUN_NAMES),
                         help="--train: which rows, comma-separated from " + ", ".join(RUN_NAMES))
     parser.add_argument("--train-modes", default="full,lora",
-                        help="--train --device cuda: full and/or lora (Qwen2-7B is always LoRA)")
+                        help="--train: full and/or lora (Qwen2-7B is always LoRA; on the CPU --quick runs full only)")
     parser.add_argument("--quick", action="store_true",
                         help="--train: fewer steps (CPU 1 + 3, CUDA 2 warm-up + 3 timed; full fine-tuning only on CPU)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads on the CPU")
