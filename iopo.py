@@ -727,12 +727,17 @@ def file_digest(paths):
     return h.hexdigest()
 
 
+# How the reference log-probs are computed; a new number invalidates every cache. 2: under autocast the head
+# runs in bfloat16 (Scorer), as the policy's does, so a cache from version 1 (float32 head) would not match.
+REFERENCE_VERSION = 2
+
+
 def reference_cache_key(cfg, tokenizer_dir):
-    """A name that changes whenever the data, the tokenizer, the reference weights, the cut length or the
-    compute dtype change."""
+    """A name that changes whenever the data, the tokenizer, the reference weights, the cut length, the
+    compute dtype or the way reference log-probs are computed (REFERENCE_VERSION) change."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
-    parts = [cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0), file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]),
-             file_digest(weights)]
+    parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0),
+             file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]), file_digest(weights)]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
 
 
