@@ -321,8 +321,9 @@ def packed_rows_attention(q, k, v, rows):
     """Causal attention for PackedRows: q (R, H, T, hd), k and v (R, KV, T, hd), RoPE applied -> (R, H, T, hd)."""
     R, H, T, hd = q.shape
     n, TA = H // k.shape[1], rows.a_index.shape[1]
-    # [x, y_a]: the prefix. A shorter row's positions before TA past its own y_a hold its y_b (replaced below)
-    # or padding; [x, y_a] never looks at them, being earlier. Positions from TA on start at zero.
+    # Pass 1, [x, y_a]: the first TA positions of every row. Where a row's [x, y_a] is shorter, the positions
+    # up to TA hold its y_b or padding: causality keeps [x, y_a] from seeing them, and their outputs are
+    # replaced (y_b, by pass 2) or never read (padding). Outputs from TA on start as zeros.
     a = lambda t: t[:, :, :TA]
     y = F.scaled_dot_product_attention(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), is_causal=True)
     y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
