@@ -295,10 +295,9 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
     flat_labels = labels.reshape(-1)  # (N,)
     if scored_index is not None:
         scored = scored_index.to(flat_labels.device)
-        y = flat_labels[scored]
     else:
         scored = _scored_rows(flat_labels, ignore_index, weight.shape[0], "token_logprobs")
-        y = flat_labels[scored]
+    y = flat_labels[scored]
     h = flat_hidden if len(scored) == len(flat_labels) else flat_hidden[scored]  # (n, D)
     rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
@@ -702,19 +701,25 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def reference_sums(scorer, batch, k, device, pin=lambda t: t):
+    """(B, k) float32 reference log-prob sums of an unpacked CPU batch of B examples with k sequences each
+    (the collators put sequence j of every example in row block j). Call under no_grad and autocast."""
+    batch = dict(batch, scored_index=scored_positions(batch, scorer.model.config.vocab_size))
+    token_logps = scorer(**to_device({key: pin(v) for key, v in batch.items()}, device))
+    return token_logps.float().sum(-1).view(k, -1).T
+
+
 @torch.no_grad()
 def reference_logps(scorer, dataset, cfg, device, autocast):
     """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order."""
-    k = SEQS_PER_EXAMPLE[cfg.method]
     collate = COLLATORS[cfg.method]
     out = []
     for s in tqdm(range(0, len(dataset), cfg.ref_batch_size), desc="reference log-probs", leave=False,
                   disable=not is_main()):
-        batch = to_device(collate([dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))],
-                                  dataset.tokenizer.pad_token_id), device)
+        batch = collate([dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))],
+                        dataset.tokenizer.pad_token_id)
         with autocast():
-            token_logps = scorer(**batch)
-        out.append(token_logps.sum(-1).float().view(k, -1).T.cpu())  # (B, k)
+            out.append(reference_sums(scorer, batch, SEQS_PER_EXAMPLE[cfg.method], device).cpu())  # (B, k)
     return torch.cat(out)
 
 
@@ -1019,6 +1024,9 @@ def train(cfg):
     batches_iter = micro_batches()
     collate = COLLATORS[kind]
     step_collate = (lambda b, pad_id: collate_packed(b, kind, pad_id)) if cfg.pack else collate
+    # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+    ref_held = None  # --ref-on-the-fly: the held-out reference, computed at the first evaluation
     last_ckpt = resume_dir
     bar = tqdm(total=total, initial=start, desc=f"{kind}", disable=not is_main(), dynamic_ncols=True)
     model.train()
@@ -1035,17 +1043,13 @@ def train(cfg):
             batch = batch if cfg.pack else reference_rows(cfg, batch)
             batch["scored_index"] = scored_positions(batch, model.config.vocab_size)  # on the CPU: no wait
             n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
-            # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
-            pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
             batch = to_device({k: pin(v) for k, v in batch.items()}, device)
             if ref_all is not None:
                 ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
             elif ref_scorer is not None:
                 with torch.no_grad(), adapters_disabled(model), autocast():
                     full = collate([train_set[p] for p in mine], tok.pad_token_id)
-                    full["scored_index"] = scored_positions(full, model.config.vocab_size)
-                    full = to_device({k: pin(v) for k, v in full.items()}, device)
-                    ref = ref_scorer(**full).float().sum(-1).view(SEQS_PER_EXAMPLE[kind], -1).T
+                    ref = reference_sums(ref_scorer, full, SEQS_PER_EXAMPLE[kind], device, pin)
             else:
                 ref = None
             n_total = None
@@ -1072,8 +1076,7 @@ def train(cfg):
         values = torch.stack([sums[k].float() for k in keys] + [grad_norm.float()])
         if world > 1:
             dist.all_reduce(values)
-            values[:-1] /= world  # the grad norm is already global after DDP's all-reduce
-            values[-1] /= world
+            values /= world  # means over ranks (the grad norm is the same on every rank: its mean is itself)
         values = values.tolist()  # the one host-device synchronisation of the step
         row = {"step": step + 1, **dict(zip(keys, values[:-1])), "grad_norm": values[-1], "lr": lr}
         if not all(math.isfinite(v) for v in values):
@@ -1088,11 +1091,9 @@ def train(cfg):
             model.eval()
             if ref_all is not None:
                 ref_held = ref_all[heldout.indices]
-            elif ref_scorer is not None:  # --ref-on-the-fly: the held-out slice's reference, now
+            elif ref_scorer is not None and ref_held is None:  # --ref-on-the-fly: the reference never changes
                 with adapters_disabled(model):
                     ref_held = reference_logps(ref_scorer, heldout, cfg, device, autocast)
-            else:
-                ref_held = None
             row.update(evaluate_loss(scorer, heldout, ref_held, cfg, device, autocast))
             model.train()
         if is_main():
