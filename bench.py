@@ -72,19 +72,23 @@ def kernel_cpu_worker(impl, n_tokens, dim, vocab, trainable, chunk_size, repeats
     print(json.dumps({"time_s": min(wall), "cpu_s": min(cpu), "extra_peak_bytes": _peak_rss_bytes() - baseline}))
 
 
-def _kernel_cpu_run(impl, n_tokens, dim, vocab, trainable, chunk_size, repeats):
+def _in_fresh_process(worker, args, what):
+    """Run bench.<worker>(*args) in a new Python process and return the JSON object it prints last, so that
+    each measurement starts from an empty heap (peak RSS is per process)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
-
-    call = (f"import bench; bench.kernel_cpu_worker({impl!r}, {n_tokens}, {dim}, {vocab}, {trainable}, "
-            f"{chunk_size}, {repeats})")
-    proc = subprocess.run([sys.executable, "-c", call], cwd=Path(__file__).resolve().parent,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", f"import bench; bench.{worker}{tuple(args)!r}"],
+                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench --kernel: the {impl} run (V={vocab}) failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"bench: {what} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _kernel_cpu_run(impl, n_tokens, dim, vocab, trainable, chunk_size, repeats):
+    return _in_fresh_process("kernel_cpu_worker", (impl, n_tokens, dim, vocab, trainable, chunk_size, repeats),
+                             f"--kernel, the {impl} run (V={vocab})")
 
 
 def bench_kernel_cpu(args):
@@ -216,16 +220,7 @@ def generate_load_worker(path, how):
 
 
 def _generate_load_run(path, how):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    proc = subprocess.run([sys.executable, "-c", f"import bench; bench.generate_load_worker({str(path)!r}, {how!r})"],
-                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench --generate: loading {path} ({how}) failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_fresh_process("generate_load_worker", (str(path), how), f"--generate, loading {path} ({how})")
 
 
 def bench_generate(args):
@@ -357,7 +352,7 @@ def _model_flops(config, batch, lora):
     body = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
     k = 4 if lora else 6
     tokens = int(batch["attention_mask"].sum())
-    scored = sum(int((batch[key][:, 1:] != -100).sum()) for key in ("labels", "labels_b") if key in batch)
+    scored = len(batch["scored_index"])  # iopo.scored_positions: every scored label, y_a and y_b alike
     T = batch["input_ids"].shape[1]
     attention = 3 * 4 * T * T * c.num_attention_heads * hd / 2 * c.num_hidden_layers * batch["input_ids"].shape[0]
     return k * body * tokens + k * c.vocab_size * c.hidden_size * scored + attention, tokens
@@ -376,8 +371,7 @@ def _build_train_model(shape, device, lora, grad_checkpointing, bf16, compile=Fa
         net = M.Transformer(config)
     net = net.to(dtype).to_empty(device=device)  # allocated once, in its final dtype
     torch.manual_seed(0)
-    net.init_weights()
-    net.tie_weights()
+    net.init_weights()  # (to_empty re-tied the head: Transformer._apply)
     net.gradient_checkpointing = grad_checkpointing
     if compile:  # as iopo.train --compile: each block on its own, dynamic shapes
         for layer in net.model.layers:
@@ -478,16 +472,7 @@ def train_cpu_worker(shape, method, pack, lora, warmup, steps, threads):
 
 
 def _train_cpu_run(*args):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    call = f"import bench; bench.train_cpu_worker{tuple(args)!r}"
-    proc = subprocess.run([sys.executable, "-c", call], cwd=Path(__file__).resolve().parent,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench --train: the run {args} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_fresh_process("train_cpu_worker", args, f"--train, the run {args}")
 
 
 def _print_train_table(title, rows, rate):
