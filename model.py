@@ -500,20 +500,22 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        # Reading the mask waits for the GPU, so only when there is one to read (a training step passes none)
-        padded = not full and (attention_mask is not None or kv_cache is not None) and not bool(mask.all())
-        masks = {}
-        for window in {self.config.sliding_window if self.config.layer_uses_window(i) else None
-                       for i in range(self.config.num_hidden_layers)}:
-            if padded or (window is not None and past + T > window) or (past > 0 and T > 1):
-                masks[window] = attention_mask_for(mask, past, T, window)
-            else:
-                masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
-        if full:
+        windows = [self.config.sliding_window if self.config.layer_uses_window(i) else None
+                   for i in range(self.config.num_hidden_layers)]
+        if full:  # (no sliding window here, checked above)
             masks = {None: attention_mask if packed else attention_mask.to(torch.bool)}
+        else:
+            # Reading the mask waits for the GPU, so only when there is one to read (a training step passes none)
+            padded = (attention_mask is not None or kv_cache is not None) and not bool(mask.all())
+            masks = {}
+            for window in set(windows):
+                if padded or (window is not None and past + T > window) or (past > 0 and T > 1):
+                    masks[window] = attention_mask_for(mask, past, T, window)
+                else:
+                    masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
 
-        for i, layer in enumerate(self.model.layers):
-            layer_mask = masks[self.config.sliding_window if self.config.layer_uses_window(i) else None]
+        for layer, window in zip(self.model.layers, windows):
+            layer_mask = masks[window]
             if self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, layer_mask, use_reentrant=False)
             else:
@@ -545,14 +547,14 @@ def checkpoint_files(path):
         for name, file in where.items():
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: shard not found (listed in {path / INDEX_NAME} for tensor {name!r})")
-    elif (path / WEIGHTS_NAME).is_file():
+        for file in set(where.values()):  # every tensor the index promises must be in its shard
+            present = set(safetensors_keys(file))
+            for name in (n for n, f in where.items() if f == file and n not in present):
+                raise ValueError(f"missing tensor {name!r}: not in {file} (where {INDEX_NAME} says it is)")
+    elif (path / WEIGHTS_NAME).is_file():  # one file: its header is the list
         where = dict.fromkeys(safetensors_keys(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    for file in set(where.values()):  # every tensor the index promises must be in its shard
-        present = set(safetensors_keys(file))
-        for name in (n for n, f in where.items() if f == file and n not in present):
-            raise ValueError(f"missing tensor {name!r}: not in {file} (where {INDEX_NAME} says it is)")
     return where
 
 
@@ -699,9 +701,7 @@ class Tokenizer:
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         if self.eos_token_id is None and gen_eos:
             self.eos_token_id = gen_eos[0]
-        self.pad_token, self.pad_token_id = special("pad_token")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id
+        self.pad_token, self.pad_token_id = special("pad_token")  # defaults to eos, once eos is final (below)
 
         # The family comes from the template; a tokenizer without one is recognised by its special tokens
         vocab_has = lambda t: self.tokenizer.token_to_id(t) is not None  # noqa: E731
