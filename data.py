@@ -609,15 +609,14 @@ class EncodedDataset:
         return self.stats
 
 
-def _pack(seq):
-    n_prompt = next((t for t, label in enumerate(seq["labels"]) if label != IGNORE_INDEX), len(seq["labels"]))
-    return array("i", seq["input_ids"]), n_prompt
+def _pack(seq):  # the cache keeps the ids and the prompt length; the labels follow from them (_join)
+    return array("i", seq["input_ids"]), len(_split_prompt(seq)[0])
 
 
 def _unpack(packed):
     ids, n_prompt = packed
     ids = ids.tolist()
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
+    return _join(ids[:n_prompt], ids[n_prompt:])
 
 
 def take(ds, n):

@@ -963,7 +963,9 @@ def train(cfg):
         barrier()
         cfg.model = str(out / "base")
     tok = load_tokenizer(cfg.model)
-    dataset = EncodedDataset(records, kind, tok, max_len=cfg.max_len)
+    # check=False: the seam check tokenizes every conversation a second time, and training never reports it
+    # (python data.py FILE does)
+    dataset = EncodedDataset(records, kind, tok, max_len=cfg.max_len, check=False)
     train_set, heldout = holdout_split(dataset, cfg.eval_size, seed=cfg.seed) if cfg.eval_size else (dataset, None)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
