@@ -1346,11 +1346,6 @@ def check(spec, response):
         raise ValueError(f"family {fam.name}: malformed params {spec['params']!r} ({e})") from None
 
 
-def check_item(item, response):
-    """One verdict per spec in item["checks"]."""
-    return [check(spec, response) for spec in item["checks"]]
-
-
 # -----------------------------------------------------------------------------
 # Tasks, expansion to C constraints with quality control, and the response writer
 
@@ -1419,11 +1414,18 @@ EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "list", "start", "ending", "pr
                    "role", "multilingual", "emotion", "template", "positive_example"}
 
 
+def _incomplete(fam, ctx):
+    """The rejection reason when `fam` refers to an input the task does not have, else None."""
+    if fam.needs and fam.needs != ctx["input_kind"]:
+        return f"incomplete: {fam.name} refers to a {fam.needs} input the task lacks"
+    return None
+
+
 def qc_reason(ctx, specs, new, skip=None):
     """Why `new` may not join `specs` (None when it may): incomplete, redundant or contradictory."""
     fam = FAMILIES[new["family"]]
-    if fam.needs and fam.needs != ctx["input_kind"]:
-        return f"incomplete: {fam.name} refers to a {fam.needs} input the task lacks"
+    if missing := _incomplete(fam, ctx):
+        return missing
     for i, s in enumerate(specs):
         if i == skip:
             continue
@@ -1484,15 +1486,15 @@ class Sampler:
         self.nphr = 2 if toy else None
         self.rejected = Counter()
 
-    def propose(self, rng, ctx, specs, number, skip=None):
+    def propose(self, rng, ctx, specs, number):
         fams, weights = self.by_kind[ctx["input_kind"]]
         fam = rng.choices(fams, weights)[0]
-        if fam.needs and fam.needs != ctx["input_kind"]:
-            self.rejected[f"incomplete: {fam.name} refers to a {fam.needs} input the task lacks"] += 1
+        if missing := _incomplete(fam, ctx):  # checked before sample(), which may read that input
+            self.rejected[missing] += 1
             return None
         params = fam.sample(rng, ctx)
         spec = make_spec(fam, params, rng.randrange(self.nphr or len(fam.phrasings)), number)
-        reason = qc_reason(ctx, specs, spec, skip)
+        reason = qc_reason(ctx, specs, spec)
         if reason:
             self.rejected[reason] += 1
             return None
@@ -1612,10 +1614,10 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                 if not satisfies(specs, y1):
                     failures["writer could not satisfy every constraint"] += 1
                     continue
-                x1 = render_prompt(ctx, specs)
                 if split == "eval":
                     out["eval"].append(eval_record(len(out["eval"]), ctx, specs, y1))
                     break
+                x1 = render_prompt(ctx, specs)
                 rejected = make_rejected(rng, ctx, specs)
                 quad = make_quadruple(rng, ctx, specs, y1, sampler)
                 if rejected is None or quad is None:

@@ -169,7 +169,7 @@ def test_generated_records_verify_and_render_like_trace():
               all(tg.verified(q["checks_x2"], q["y1"])), all(tg.verified(q["checks_x1"], q["y2"])))
         assert ok == (True, True, False, False), f"quadruple verdicts {ok} for edit {q['edit']['op']}"
     for item in data["eval"]:
-        assert all(tg.check_item(item, item["reference"])), item["id"]
+        assert all(tg.verified(item["checks"], item["reference"])), item["id"]
         expect = item["description"] + "\n" + item["constraints"] + "\n"
         expect += "" if item["input"] == "NULL" else "# Inputs:\n" + item["input"] + "\n"
         assert item["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
