@@ -661,6 +661,11 @@ def cfbench_scores(verdict_lists, priority_lists):
     return {"CSR": 100 * sum(csr) / n, "ISR": 100 * sum(isr) / n, "PSR": 100 * sum(psr) / n, "n_items": len(csr)}
 
 
+def item_key(item, n):
+    """An item's id as responses are keyed: its "id", or its position n in the file when it has none."""
+    return str(item.get("id", n))
+
+
 def judge_trace(items, responses):
     """Per-item rows: the verdict of every constraint in item['checks'] on the matching response.
 
@@ -668,12 +673,12 @@ def judge_trace(items, responses):
     which fails every constraint and is flagged in the row.
     """
     if isinstance(responses, dict):
-        responses = [responses.get(str(item.get("id"))) for item in items]
+        responses = [responses.get(item_key(item, n)) for n, item in enumerate(items)]
     if len(responses) != len(items):
         raise ValueError(f"{len(items)} items but {len(responses)} responses")
     rows = []
     for n, (item, response) in enumerate(zip(items, responses)):
-        item_id = str(item.get("id", n))
+        item_id = item_key(item, n)
         checks = item.get("checks")
         if not isinstance(checks, list) or not checks:
             raise ValueError(f"item {item_id}: needs a non-empty 'checks' list (trace_gen.py eval items carry one)")
@@ -816,15 +821,15 @@ def cmd_trace(args):
         model, tok = _load_for_generation(args)
         answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
                                      args.top_p, args.seed)
-        responses = {str(item.get("id", n)): a for n, (item, a) in enumerate(zip(items, answers))}
+        responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
         write_jsonl(out / "responses.jsonl", [{"id": k, "response": v} for k, v in responses.items()])
     else:
         responses = _read_responses(args.responses, "id")
-        unknown = set(responses) - {str(item.get("id", n)) for n, item in enumerate(items)}
+        unknown = set(responses) - {item_key(item, n) for n, item in enumerate(items)}
         if unknown:
             print(f"warning: {len(unknown)} responses match no item id in {args.data} (e.g. {sorted(unknown)[:3]})")
     try:
-        rows = judge_trace(items, [responses.get(str(item.get("id", n))) for n, item in enumerate(items)])
+        rows = judge_trace(items, responses)
     except ValueError as e:
         raise SystemExit(f"error: {args.data}: {e}")
     report = trace_report(rows)
