@@ -249,7 +249,7 @@ def bench_generate(args):
         print(f"{batch:>5} | {made / seconds[True]:>11.0f} {made / seconds[False]:>15.0f} "
               f"{seconds[False] / seconds[True]:>7.1f}x | {outputs[True] == outputs[False]}", flush=True)
 
-    print(f"\nload, CPU, float32 checkpoints (one file each), warm page cache, each load in a fresh process")
+    print("\nload, CPU, float32 checkpoints (one file each), warm page cache, each load in a fresh process")
     print(f"{'size':>6} {'params':>8} {'file MB':>8} | {'load_model s':>12} {'peak MB':>8} {'peak/file':>9} | "
           f"{'naive s':>8} {'peak MB':>8} {'peak/file':>9}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,9 +274,9 @@ def bench_generate(args):
 
 # --- train: one optimizer step of SFT / DPO / IOPO at the same number of instructions (iopo.py)
 #
-# Each configuration runs iopo.py's own step (Scorer, method_loss, backward, clip, AdamW) on synthetic
-# token ids laid out by data.py's collators: B instructions per step, i.e. B rows for SFT, 2B for DPO, 4B
-# for IOPO, or B (DPO) / 2B (IOPO) rows [x, y_a, y_b] with --pack. Lengths are TRACE-like: the prompt is
+# Each configuration runs iopo.py's own step (micro_batch, policy_loss, backward, clip, make_optimizer's
+# AdamW) on synthetic token ids laid out by data.py's collators: B instructions per step, i.e. B rows for
+# SFT, 2B for DPO, 4B for IOPO, or B (DPO) / 2B (IOPO) rows [x, y_a, y_b] with --pack. Lengths are TRACE-like: the prompt is
 # longer than the answers. Reference log-probs are zeros (training reads them from its cache: no cost).
 # Random weights: speed and memory do not depend on the values.
 #
@@ -387,29 +387,25 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
     import contextlib
     import torch
     import iopo
-    from data import COLLATORS, collate_packed
 
     _, prompt, answer, default_n = TRAIN_SHAPES[shape]
     n_instr = n_instr or default_n
     examples = _synthetic_examples(method, n_instr, prompt, answer, net.config.vocab_size)
-    cpu_batch = collate_packed(examples, method, 0) if pack else COLLATORS[method](examples, 0)
-    cpu_batch["scored_index"] = iopo.scored_positions(cpu_batch, net.config.vocab_size)  # as iopo.train does
-    batch = {k: v.to(device) for k, v in cpu_batch.items()}
-    cfg = iopo.TrainConfig(method=method, pack=bool(pack))
+    cfg = iopo.TrainConfig(method=method, pack=bool(pack), lr=1e-6, max_grad_norm=1.0)
+    cpu_batch = iopo.micro_batch(cfg, examples, 0, net.config.vocab_size)
+    batch = iopo.to_device(cpu_batch, device)
     ref = None if method == "sft" else torch.zeros(n_instr, iopo.SEQS_PER_EXAMPLE[method], device=device)
     scorer = iopo.Scorer(net, pack or "mask")
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    optimizer = iopo.make_optimizer(trainable, cfg)
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    def step():
-        with autocast():
-            token_logps = scorer(**batch)
-        loss, _ = iopo.method_loss(cfg, token_logps.float(), batch["labels"], ref, None, batch.get("labels_b"))
+    def step():  # iopo.train's step for one micro-batch, without its logging
+        loss, _ = iopo.policy_loss(cfg, scorer, batch, ref, autocast)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -27,7 +27,6 @@ import collections
 import functools
 import json
 import re
-import sys
 import unicodedata
 from pathlib import Path
 

@@ -659,6 +659,34 @@ def reference_rows(cfg, batch):
     return batch
 
 
+def micro_batch(cfg, examples, pad_id, vocab_size, every_sequence=False):
+    """One micro-batch on the CPU, as the step reads it: packed rows (data.collate_packed) with cfg.pack, else
+    the collator's rows, less the unused (x2, y2) block for three_seq unless every_sequence (the reference
+    tables have a column for every sequence); plus the kernel's scored_index, found here so the step never waits."""
+    if cfg.pack:
+        batch = collate_packed(examples, cfg.method, pad_id)
+    else:
+        batch = COLLATORS[cfg.method](examples, pad_id)
+        batch = batch if every_sequence else reference_rows(cfg, batch)
+    batch["scored_index"] = scored_positions(batch, vocab_size)
+    return batch
+
+
+def sequence_sums(cfg, token_logps, labels, labels_b=None):
+    """(S,) log-prob sums and (S,) scored-token counts of the batch's sequences, in the collators' order
+    (sequence j of every example in block j; data.IOPO_ORDER for IOPO). token_logps is (R, T-1) for plain
+    rows; for packed ones (labels_b given) it is (2, R, T-1), the y_a and y_b log-probs of each row."""
+    logps = token_logps.sum(-1)  # (R,) L(y|x); packed: (2, R)
+    n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    if labels_b is None:
+        return logps, n
+    n = torch.stack([n, (labels_b[:, 1:] != IGNORE_INDEX).sum(-1)])  # (2, R)
+    if cfg.method == "dpo":  # rows [x, y_w, y_l]: the y_w sums, then the y_l sums
+        return logps.flatten(), n.flatten()
+    half = logps.shape[1] // 2  # rows [x1, y1, y2] (first half), then [x2, y2, y1]
+    return tuple(torch.cat([t[0, :half], t[1, :half], t[0, half:], t[1, half:]]) for t in (logps, n))
+
+
 def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=None):
     """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None.
     Packed rows (labels_b given): token_logps (2, R, T-1), the y_a and y_b log-probs of each row."""
@@ -667,17 +695,10 @@ def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=Non
         nll = -(token_logps * scored).sum()
         denom = n_tokens_total if n_tokens_total is not None else scored.sum().clamp(min=1)
         return nll / denom, {}
-    logps = token_logps.sum(-1)  # (R,) L(y|x); packed: (2, R)
-    n = scored.sum(-1)
-    if labels_b is not None:  # back to the unpacked row order: DPO (w, l); IOPO data.IOPO_ORDER
-        n = torch.stack([n, (labels_b[:, 1:] != IGNORE_INDEX).sum(-1)])  # (2, R)
-        if cfg.method == "dpo":  # rows [x, y_w, y_l]
-            logps, n = logps.flatten(), n.flatten()
-        else:  # rows [x1, y1, y2] (first half), then [x2, y2, y1]
-            logps, n = (torch.cat([t[0, :len(t[0]) // 2], t[1, :len(t[0]) // 2], t[0, len(t[0]) // 2:],
-                                   t[1, len(t[0]) // 2:]]) for t in (logps, n))
-            if cfg.variant == "three_seq":  # (x2, y2) was computed with its row but is not used
-                logps, n = (torch.cat([c for i, c in enumerate(t.chunk(4)) if i != 2]) for t in (logps, n))
+    logps, n = sequence_sums(cfg, token_logps, labels, labels_b)
+    if labels_b is not None and cfg.method == "iopo" and cfg.variant == "three_seq":
+        # a packed row computes (x2, y2) along with (x2, y1); three_seq does not use it
+        logps, n = (torch.cat([c for i, c in enumerate(t.chunk(4)) if i != 2]) for t in (logps, n))
     if cfg.method == "dpo":
         logp_w, logp_l = logps.chunk(2)
         loss, metrics = dpo_loss(logp_w, logp_l, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
@@ -697,29 +718,46 @@ def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=Non
     return loss, metrics
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def policy_loss(cfg, net, batch, ref, autocast, n_tokens_total=None):
+    """The forward half of a training step: log-probs of a device micro-batch (micro_batch's layout) under
+    autocast, then method_loss in float32. bench.py --train times this same function."""
+    with autocast():
+        token_logps = net(**batch)
+    return method_loss(cfg, token_logps.float(), batch["labels"], ref, n_tokens_total, batch.get("labels_b"))
 
 
-def reference_sums(scorer, batch, k, device, pin=lambda t: t):
-    """(B, k) float32 reference log-prob sums of an unpacked CPU batch of B examples with k sequences each
-    (the collators put sequence j of every example in row block j). Call under no_grad and autocast."""
-    batch = dict(batch, scored_index=scored_positions(batch, scorer.model.config.vocab_size))
-    token_logps = scorer(**to_device({key: pin(v) for key, v in batch.items()}, device))
-    return token_logps.float().sum(-1).view(k, -1).T
+def make_optimizer(trainable, cfg):
+    """AdamW; matrices decay by cfg.weight_decay, 1-D weights (norms, biases) do not."""
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def to_device(batch, device, pin=lambda t: t):
+    return {k: pin(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def reference_sums(cfg, scorer, batch):
+    """(B, k) float32 reference log-prob sums of a device micro-batch of B examples made by
+    micro_batch(..., every_sequence=True), packed or not. Call under no_grad and autocast."""
+    token_logps = scorer(**batch).float()
+    sums, _ = sequence_sums(cfg, token_logps, batch["labels"], batch.get("labels_b"))
+    return sums.view(SEQS_PER_EXAMPLE[cfg.method], -1).T
 
 
 @torch.no_grad()
 def reference_logps(scorer, dataset, cfg, device, autocast):
-    """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order."""
-    collate = COLLATORS[cfg.method]
+    """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order.
+    With cfg.pack the rows are packed, as in training: every prompt is encoded once here too."""
     out = []
     for s in tqdm(range(0, len(dataset), cfg.ref_batch_size), desc="reference log-probs", leave=False,
                   disable=not is_main()):
-        batch = collate([dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))],
-                        dataset.tokenizer.pad_token_id)
+        examples = [dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))]
+        batch = micro_batch(cfg, examples, dataset.tokenizer.pad_token_id, scorer.model.config.vocab_size,
+                            every_sequence=True)
         with autocast():
-            out.append(reference_sums(scorer, batch, SEQS_PER_EXAMPLE[cfg.method], device).cpu())  # (B, k)
+            out.append(reference_sums(cfg, scorer, to_device(batch, device)).cpu())  # (B, k)
     return torch.cat(out)
 
 
@@ -739,7 +777,8 @@ REFERENCE_VERSION = 2
 
 def reference_cache_key(cfg, tokenizer_dir):
     """A name that changes whenever the data, the tokenizer, the reference weights, the cut length, the
-    compute dtype or the way reference log-probs are computed (REFERENCE_VERSION) change."""
+    compute dtype or the way reference log-probs are computed (REFERENCE_VERSION) change. Like the device,
+    --pack is left out: packed and plain rows give the same log-probs, to rounding (tests/test_scale.py)."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
     parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0),
              file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]), file_digest(weights)]
@@ -878,16 +917,13 @@ def build_toy(cfg, examples, kind):
 def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
     """Mean loss and metrics over a held-out dataset, no gradients (batch means averaged over batches)."""
     totals, n_batches = {}, 0
-    collate = COLLATORS[cfg.method]
     with torch.no_grad():
         for s in range(0, len(dataset), cfg.batch_size):
             idx = list(range(s, min(s + cfg.batch_size, len(dataset))))
-            batch = reference_rows(cfg, to_device(collate([dataset[i] for i in idx], dataset.tokenizer.pad_token_id),
-                                                  device))
-            with autocast():
-                token_logps = scorer(**batch)
-            loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"],
-                                        None if ref is None else ref[idx].to(device))
+            batch = micro_batch(cfg, [dataset[i] for i in idx], dataset.tokenizer.pad_token_id,
+                                scorer.model.config.vocab_size)
+            loss, metrics = policy_loss(cfg, scorer, to_device(batch, device), None if ref is None
+                                        else ref[idx].to(device), autocast)
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
@@ -901,11 +937,17 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
         if lora:
             return None, scorer
-        return None, Scorer(load_model(cfg.model, dtype=load_dtype, device=device)).requires_grad_(False)
-    cache = Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{reference_cache_key(cfg, cfg.model)}.safetensors"
+        return None, Scorer(load_model(cfg.model, dtype=load_dtype, device=device),
+                            scorer.packed_attention).requires_grad_(False)
+    key = reference_cache_key(cfg, cfg.model) if is_main() else " " * 24  # 24 hex digits
+    if dist.is_initialized():  # only rank 0 reads the weights to hash them; the others take its key
+        code = torch.tensor(list(key.encode()), dtype=torch.uint8, device=device)
+        dist.broadcast(code, src=0)
+        key = bytes(code.tolist()).decode()
+    cache = Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
     if not cache.is_file() and is_main():
         if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
-            ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device))
+            ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device), scorer.packed_attention)
         else:
             ref = scorer
         ref.eval()
@@ -995,10 +1037,7 @@ def train(cfg):
             fully_shard(layer)
         fully_shard(scorer)  # the root: embeddings, final norm and head
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = make_optimizer(trainable, cfg)
     sampler = BatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed)
     micro_per_epoch = len(sampler)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
@@ -1024,10 +1063,10 @@ def train(cfg):
             yield from sampler
 
     batches_iter = micro_batches()
-    collate = COLLATORS[kind]
-    step_collate = (lambda b, pad_id: collate_packed(b, kind, pad_id)) if cfg.pack else collate
     # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
     pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+    # The on-the-fly reference reads the policy's rows, except unpacked three_seq rows, which lack (x2, y2)
+    ref_own_rows = ref_scorer is not None and not cfg.pack and cfg.method == "iopo" and cfg.variant == "three_seq"
     ref_held = None  # --ref-on-the-fly: the held-out reference, computed at the first evaluation
     last_ckpt = resume_dir
     bar = tqdm(total=total, initial=start, desc=f"{kind}", disable=not is_main(), dynamic_ncols=True)
@@ -1041,17 +1080,18 @@ def train(cfg):
         for micro in range(cfg.grad_accum):
             positions = next(batches_iter)
             mine = positions[rank::world]  # this process's shard of the global micro-batch
-            batch = step_collate([train_set[p] for p in mine], tok.pad_token_id)
-            batch = batch if cfg.pack else reference_rows(cfg, batch)
-            batch["scored_index"] = scored_positions(batch, model.config.vocab_size)  # on the CPU: no wait
+            examples = [train_set[p] for p in mine]
+            batch = micro_batch(cfg, examples, tok.pad_token_id, model.config.vocab_size)
             n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
-            batch = to_device({k: pin(v) for k, v in batch.items()}, device)
+            batch = to_device(batch, device, pin)
             if ref_all is not None:
                 ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
             elif ref_scorer is not None:
+                ref_batch = batch if not ref_own_rows else to_device(
+                    micro_batch(cfg, examples, tok.pad_token_id, model.config.vocab_size, every_sequence=True),
+                    device, pin)
                 with torch.no_grad(), adapters_disabled(model), autocast():
-                    full = collate([train_set[p] for p in mine], tok.pad_token_id)
-                    ref = reference_sums(ref_scorer, full, SEQS_PER_EXAMPLE[kind], device, pin)
+                    ref = reference_sums(cfg, ref_scorer, ref_batch)  # (B, k)
             else:
                 ref = None
             n_total = None
@@ -1064,10 +1104,7 @@ def train(cfg):
             if cfg.fsdp:  # reduce-scatter the gradients only after the last micro-batch
                 ddp.set_requires_gradient_sync(sync)
             with (contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync()):
-                with autocast():
-                    token_logps = ddp(**batch)
-                loss, metrics = method_loss(cfg, token_logps.float(), batch["labels"], ref, n_total,
-                                            batch.get("labels_b"))
+                loss, metrics = policy_loss(cfg, ddp, batch, ref, autocast, n_total)
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum

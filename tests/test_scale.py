@@ -1,5 +1,6 @@
 """Scaling up (iopo.py, data.py, model.py): DDP and FSDP on 2 CPU processes, shared-prompt packing, checkpointing."""
 
+import contextlib
 import json
 import os
 import socket
@@ -242,15 +243,17 @@ def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
 
 
 def test_packed_training_logs_the_unpacked_losses(toy, tmp_path):
-    """iopo.py iopo --pack, with either packed attention, logs the losses of the unpacked run (2 steps)."""
+    """iopo.py iopo --pack, with either packed attention, logs the losses of the unpacked run (2 steps). The
+    reference log-probs come from packed rows too: cached (one pass before training) or per step."""
     folder, paths, base = toy
-    runs = {"plain": {}, "mask": dict(pack=True), "rows": dict(pack=True, packed_attention="rows")}
+    runs = {"plain": {}, "mask": dict(pack=True), "rows": dict(pack=True, packed_attention="rows"),
+            "per-step": dict(pack=True, packed_attention="rows", ref_on_the_fly=True)}
     got = {}
     for name, kw in runs.items():
-        out = tmp_path / name
+        out = tmp_path / name / "run"  # each run its own reference cache (out's parent folder)
         iopo.main(argv("iopo", base, paths["iopo"], str(out), grad_accum=1, **kw))
         got[name] = losses(out)
-    for name in ("mask", "rows"):
+    for name in ("mask", "rows", "per-step"):
         assert len(got[name]) == 2 and max(abs(a - b) for a, b in zip(got[name], got["plain"])) < 1e-5, got
 
 
@@ -389,20 +392,15 @@ def test_training_step_never_waits_for_the_device(encoded, kind, pack):
     device (run on the CPU, where the same operators would be synchronisations on a GPU)."""
     net, tok, data, _ = encoded
     source = data["dpo" if kind == "sft" else kind]
-    examples = [source[i] for i in range(3)]
-    if kind == "sft":
-        batch = COLLATORS["sft"]([ex["w"] for ex in examples], tok.pad_token_id)
-    else:
-        batch = collate_packed(examples, kind, tok.pad_token_id) if pack else COLLATORS[kind](examples, tok.pad_token_id)
-    batch["scored_index"] = iopo.scored_positions(batch, net.config.vocab_size)  # before the step, on the CPU
+    examples = [source[i]["w"] if kind == "sft" else source[i] for i in range(3)]
+    cfg = iopo.TrainConfig(method=kind, pack=bool(pack))
+    batch = iopo.micro_batch(cfg, examples, tok.pad_token_id, net.config.vocab_size)  # on the CPU, before the step
     ref = None if kind == "sft" else torch.zeros(3, iopo.SEQS_PER_EXAMPLE[kind])
-    cfg = iopo.TrainConfig(method=kind)
     n_total = (batch["labels"][:, 1:] != -100).sum().float() if kind == "sft" else None
     net.zero_grad(set_to_none=True)
     watch = _WaitingOps()
     with watch:
-        token_logps = iopo.Scorer(net, pack or "mask")(**batch)
-        loss, _ = iopo.method_loss(cfg, token_logps, batch["labels"], ref, n_total, batch.get("labels_b"))
+        loss, _ = iopo.policy_loss(cfg, iopo.Scorer(net, pack or "mask"), batch, ref, contextlib.nullcontext, n_total)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
     assert not watch.seen, f"{kind} pack={pack}: operators that wait for the device: {watch.seen}"

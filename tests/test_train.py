@@ -98,19 +98,20 @@ def test_lora_disabled_equals_base_and_only_adapters_train(toy_dir, tmp_path):
                              f"LoRA targets that did not move: {sorted(targets - moved)[:4]}"
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, lora_rank):
-    """Reference log-probs computed once and cached give the same run (and held-out losses) as per-step ones."""
+@pytest.mark.parametrize("method,lora_rank,variant", [("dpo", 0, "full"), ("dpo", 4, "full"), ("iopo", 0, "three_seq")])
+def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank, variant):
+    """Reference log-probs computed once and cached give the same run (and held-out losses) as per-step ones
+    (three_seq: the per-step reference needs the (x2, y2) rows that the policy's batch leaves out)."""
     folder, paths, base = toy_dir
     runs = {}
     for on_the_fly in (False, True):
         out = tmp_path / f"fly{on_the_fly}"
-        iopo.train(config(base, paths["dpo"], out, "dpo", ref_on_the_fly=on_the_fly, lora_rank=lora_rank,
-                          eval_every=2, eval_size=4))
+        iopo.train(config(base, paths[method], out, method, ref_on_the_fly=on_the_fly, lora_rank=lora_rank,
+                          variant=variant, eval_every=2, eval_size=4))
         runs[on_the_fly] = [r[k] for r in losses(out) for k in ("loss", "eval/loss") if k in r]
     assert len(runs[True]) == 4 + 2, f"expected 4 losses and 2 held-out losses, got {runs[True]}"
     assert runs[False] == pytest.approx(runs[True], rel=1e-6, abs=1e-7), runs
-    assert any((tmp_path / "ref_cache").glob("dpo-*.safetensors")), "the cache file should exist"
+    assert any((tmp_path / "ref_cache").glob(f"{method}-*.safetensors")), "the cache file should exist"
 
 
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
