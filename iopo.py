@@ -22,7 +22,8 @@ What we simplify or leave out:
 3. The log-prob kernel only scores positions whose label is not `ignore_index`; the others cost nothing.
 4. Reference log-probs come from the starting weights and are cached once per (data, tokenizer, weights,
    max_len); the reference never changes during training, as in the paper.
-5. Under --fsdp only the final model is saved (no mid-run checkpoints, no resume).
+5. Under --fsdp a checkpoint is gathered whole on rank 0 (one file set, the same as without FSDP, resumable
+   with or without it), not written as shards by every process: simple, but rank 0 must hold it all on the CPU.
 6. The toy reproduction trains a tiny model on 9 easy constraint families; it shows the machinery, not
    the paper's gains (see the README for what it measures).
 """
@@ -810,8 +811,9 @@ def barrier():
 # Checkpoints: HF weights (model.py), plus what an exact resume needs. All tensors go to safetensors, the
 # rest to JSON; the folder is written under a temporary name and renamed once complete.
 
-def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, lora, rank_rng=None):
-    """Write checkpoint folder `path` atomically. rank_rng: every process's generator states (torchrun)."""
+def save_checkpoint(path, model, tokenizer_dir, opt, sampler, step, cfg, lora, rank_rng=None):
+    """Write checkpoint folder `path` atomically. model: the whole network (whole_model); opt: the optimizer's
+    state dict with whole tensors (whole_optimizer_state); rank_rng: every process's generator states."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -819,7 +821,6 @@ def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, l
     if lora:
         adapters = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
         save_file(adapters, tmp / "adapter.safetensors")
-    opt = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
                for i, s in opt["state"].items() for k, v in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
@@ -840,22 +841,31 @@ def save_checkpoint(path, model, tokenizer_dir, optimizer, sampler, step, cfg, l
         os.replace(tmp, path)
 
 
-def load_trainer_state(path, model, optimizer, sampler, lora, rank=0, device=None):
-    """Restore adapters, optimizer, data position and generators from a checkpoint; returns its step."""
+def load_adapters(path, model):
+    """Put a checkpoint's LoRA adapters into `model` (before FSDP shards it)."""
+    path = Path(path) / "adapter.safetensors"
+    with safe_open(path, framework="pt") as f:
+        missing, unexpected = model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+    if unexpected or any(".lora_" in k for k in missing):
+        raise ValueError(f"{path}: adapters do not match the model "
+                         f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' in k][:3]})")
+
+
+def load_trainer_state(path, optimizer, sampler, rank=0, device=None):
+    """Restore optimizer, data position and generators from a checkpoint; returns its step."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
     with safe_open(path / "trainer_state.safetensors", framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if lora:
-        with safe_open(path / "adapter.safetensors", framework="pt") as f:
-            missing, unexpected = model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
-        if unexpected or any(".lora_" in k for k in missing):
-            raise ValueError(f"{path / 'adapter.safetensors'}: adapters do not match the model "
-                             f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' in k][:3]})")
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's ids, in order
     opt_state = {}
     for key, t in tensors.items():
         if key.startswith("state."):
             _, i, name = key.split(".", 2)
+            p = params[int(i)]
+            if hasattr(p, "device_mesh") and t.shape == p.shape:  # FSDP: p is a DTensor; keep the same shard
+                from torch.distributed.tensor import distribute_tensor  # (a second to import: only when needed)
+                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
             opt_state.setdefault(int(i), {})[name] = t
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sampler.load_state_dict(state["sampler"])
@@ -870,6 +880,33 @@ def load_trainer_state(path, model, optimizer, sampler, lora, rank=0, device=Non
     if f"rng.cuda.rank{rank}" in tensors and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
     return state["step"]
+
+
+def whole_optimizer_state(optimizer):
+    """optimizer.state_dict() with whole tensors, on rank 0 (None on the others). Under FSDP the moments are
+    DTensors, one shard per process: full_tensor() gathers each, a collective that every process joins."""
+    sd = optimizer.state_dict()
+    state = {}
+    for i, s in sd["state"].items():
+        whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()}
+        state[i] = {k: v.cpu() for k, v in whole.items()} if is_main() else None
+    return {"state": state, "param_groups": sd["param_groups"]} if is_main() else None
+
+
+def whole_model(model, cfg, lora, load_dtype):
+    """The network with whole weights, on rank 0: the model itself, or under FSDP a CPU copy built from the
+    gathered shards (None on the other ranks; every process must call it, the gather is a collective)."""
+    if not cfg.fsdp:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    whole = load_model(cfg.model, dtype=load_dtype)
+    if lora:
+        add_lora(whole, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    whole.load_state_dict(state, strict=True)
+    return whole
 
 
 def gather_rng_states(device, world):
@@ -969,12 +1006,12 @@ def train(cfg):
         raise ValueError(f"method must be sft, dpo or iopo, got {cfg.method!r}")
     if cfg.variant not in IOPO_VARIANTS:
         raise ValueError(f"variant must be one of {IOPO_VARIANTS}, got {cfg.variant!r}")
-    if not cfg.data:
-        raise ValueError("--data is required: a training file in the method's format (see data.py)")
     resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
     if resume_dir is not None:  # the saved resolved config decides everything but where to write
         saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
         cfg = TrainConfig(**{**saved, "out": cfg.out, "resume": cfg.resume})
+    if not cfg.data:
+        raise ValueError("--data is required: a training file in the method's format (see data.py)")
     cfg.lr = cfg.lr or (1e-4 if cfg.method == "sft" else 5e-6)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     (rank, world), device = setup_distributed(device)
@@ -984,10 +1021,8 @@ def train(cfg):
         raise ValueError(f"--packed-attention must be mask, rows or auto, got {cfg.packed_attention!r}")
     packed_attention = {"auto": "rows" if device.type == "cuda" else "mask"}.get(cfg.packed_attention,
                                                                                 cfg.packed_attention)
-    if cfg.fsdp and (world == 1 or cfg.save_every or resume_dir is not None):
-        raise ValueError("--fsdp shards the model over torchrun's processes (run it under torchrun with 2 or more); "
-                         "it saves only the final model (gathered on rank 0), so --save-every and --resume are "
-                         "not supported with it")
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1020,6 +1055,8 @@ def train(cfg):
     model = load_model(source, dtype=load_dtype, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
+    if lora and resume_dir is not None:
+        load_adapters(resume_dir, model)
     if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all;
         for layer in model.model.layers:  # dynamic: batch widths change every step, and this compiles once
             layer.compile(dynamic=True)
@@ -1045,7 +1082,7 @@ def train(cfg):
     random.seed(cfg.seed)
     start = 0
     if resume_dir is not None:
-        start = load_trainer_state(resume_dir, model, optimizer, sampler, lora, rank, device)
+        start = load_trainer_state(resume_dir, optimizer, sampler, rank, device)
         if is_main():
             print(f"resumed from {resume_dir} at step {start}")
     ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
@@ -1146,23 +1183,18 @@ def train(cfg):
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            rank_rng = gather_rng_states(device, world)  # a collective: every process takes part
+            # collectives (under FSDP the weights and moments are gathered): every process takes part
+            rank_rng = gather_rng_states(device, world)
+            whole, opt = whole_model(model, cfg, lora, load_dtype), whole_optimizer_state(optimizer)
             if is_main():
                 last_ckpt = out / f"checkpoint-{step + 1}"
-                save_checkpoint(last_ckpt, model, cfg.model, optimizer, sampler, step + 1, cfg, lora, rank_rng)
+                save_checkpoint(last_ckpt, whole, cfg.model, opt, sampler, step + 1, cfg, lora, rank_rng)
             barrier()
     bar.close()
     final = out / "final"
-    if cfg.fsdp:  # every process sends its shards; rank 0 receives the full weights, on the CPU
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if is_main():
-            model = load_model(cfg.model, dtype=load_dtype)
-            if lora:
-                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-            model.load_state_dict(state, strict=True)
+    whole = whole_model(model, cfg, lora, load_dtype)  # under FSDP every process sends rank 0 its shards
     if is_main():
-        save_model(merged_copy(model) if lora else model, final, tokenizer_dir=cfg.model)
+        save_model(merged_copy(whole) if lora else whole, final, tokenizer_dir=cfg.model)
     barrier()
     return final
 
