@@ -276,8 +276,9 @@ def bench_generate(args):
 #
 # Each configuration runs iopo.py's own step (micro_batch, policy_loss, backward, clip, make_optimizer's
 # AdamW) on synthetic token ids laid out by data.py's collators: B instructions per step, i.e. B rows for
-# SFT, 2B for DPO, 4B for IOPO, or B (DPO) / 2B (IOPO) rows [x, y_a, y_b] with --pack. Lengths are TRACE-like: the prompt is
-# longer than the answers. Reference log-probs are zeros (training reads them from its cache: no cost).
+# SFT, 2B for DPO, 4B for IOPO, or B (DPO) / 2B (IOPO) rows [x, y_a, y_b] with --pack. Lengths are
+# TRACE-like: the prompt is longer than the answers. Reference log-probs are zeros (training reads them from
+# its cache: no cost).
 # Random weights: speed and memory do not depend on the values.
 #
 # Model FLOPs per step (what MFU counts; recomputation under gradient checkpointing is not counted):

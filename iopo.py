@@ -568,7 +568,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate the loss on the held-out slice every N steps (0: never)
     eval_size: int = 0  # examples held out from --data for that evaluation
     save_every: int = 0  # write a resumable checkpoint every N steps (0: only the final model)
-    resume: str = ""  # a checkpoint folder (or an output folder: its latest checkpoint) to continue from
+    resume: str = ""  # checkpoint (or output folder: its latest) to continue, as saved; only HOW_TO_RUN flags may change
     skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
     toy_preset: str = "toy"  # model.PRESETS size for --model toy
     toy_vocab: int = 2048  # tokenizer vocabulary for --model toy
@@ -1000,16 +1000,29 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
     return ref_all, None
 
 
-def train(cfg):
-    """Run one training job; returns the folder of the final Hugging Face model."""
+# What --resume lets the command line change: how the run is executed, not what it computes (to rounding)
+HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attention", "fsdp", "ref_on_the_fly",
+              "ref_batch_size", "eval_every", "save_every", "log_every")
+
+
+def train(cfg, given=()):
+    """Run one training job; returns the folder of the final Hugging Face model. With cfg.resume the
+    checkpoint's saved config decides, except `out` and the HOW_TO_RUN fields named in `given` (main passes
+    the flags on its command line); any other field in `given` must match the saved value."""
     if cfg.method not in SEQS_PER_EXAMPLE:
         raise ValueError(f"method must be sft, dpo or iopo, got {cfg.method!r}")
     if cfg.variant not in IOPO_VARIANTS:
         raise ValueError(f"variant must be one of {IOPO_VARIANTS}, got {cfg.variant!r}")
     resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
-    if resume_dir is not None:  # the saved resolved config decides everything but where to write
+    if resume_dir is not None:  # the saved resolved config decides everything but where to write and how to run
         saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
-        cfg = TrainConfig(**{**saved, "out": cfg.out, "resume": cfg.resume})
+        differ = [k for k in given if k not in HOW_TO_RUN + ("out", "resume") and getattr(cfg, k) != saved.get(k)]
+        if differ:
+            raise ValueError(f"--resume {cfg.resume} continues the saved run, which has "
+                             + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + f": only {', '.join(HOW_TO_RUN)}"
+                             " may change (drop the others, or start a new run)")
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in HOW_TO_RUN},
+                             "out": cfg.out, "resume": cfg.resume})
     if not cfg.data:
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
     cfg.lr = cfg.lr or (1e-4 if cfg.method == "sft" else 5e-6)
@@ -1281,34 +1294,44 @@ def toy_reproduction(tc):
     return reports
 
 
-def _add_dataclass_args(parser, cls, skip=()):
-    """One --flag per dataclass field, its help taken from the field's trailing comment."""
+def _add_dataclass_args(parser, cls, skip=(), given_only=False):
+    """One --flag per dataclass field (--flag / --no-flag for booleans), its help taken from the field's
+    trailing comment. given_only: no defaults, so parsing returns only the flags on the command line."""
     help_text = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if given_only else f.default
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=help_text.get(f.name, ""))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text.get(f.name, ""))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text.get(f.name, '')} (default: {f.default})")
+            parser.add_argument(flag, type=kind, default=default, help=f"{help_text.get(f.name, '')} (default: {f.default})")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def _parser(given_only=False):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for method in SEQS_PER_EXAMPLE:
-        _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}"), TrainConfig, skip=("method",))
-    _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig)
-    args = vars(parser.parse_args(argv or ["toy"]))
+        _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}"), TrainConfig, skip=("method",),
+                            given_only=given_only)
+    _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig,
+                        given_only=given_only)
+    return parser
+
+
+def main(argv=None):
+    argv = (sys.argv[1:] if argv is None else argv) or ["toy"]
+    args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     try:
         if command == "toy":
             toy_reproduction(ToyConfig(**args))
-        else:
-            print(f"final model: {train(TrainConfig(method=command, **args))}")
+        else:  # the flags on the command line, for --resume: they may change how the saved run continues
+            given = (set(vars(_parser(given_only=True).parse_args(argv))) - {"command"}) | {"method"}
+            print(f"final model: {train(TrainConfig(method=command, **args), given)}")
     except (TrainingStopped, DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     finally:

@@ -122,8 +122,9 @@ def test_fsdp_two_processes_match_one(toy, tmp_path):
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_fsdp_resume_continues_the_run(toy, tmp_path, lora_rank):
     """Under --fsdp a checkpoint is gathered whole: resuming from it on 2 sharded processes logs the
-    uninterrupted run's later losses exactly, and it holds what one process's checkpoint of the same run holds
-    (weights and Adam moments under the same names, equal to rounding)."""
+    uninterrupted run's later losses exactly, one process without FSDP continues it to 1e-5, and it holds what
+    one process's checkpoint of the same run holds (weights and Adam moments under the same names, equal to
+    rounding)."""
     folder, paths, base = toy
     run = lambda out, **kw: argv("iopo", base, paths["iopo"], tmp_path / out, max_steps=4, save_every=2,
                                  lora_rank=lora_rank, **kw)
@@ -132,6 +133,9 @@ def test_fsdp_resume_continues_the_run(toy, tmp_path, lora_rank):
     run_ranks([run("full", fsdp=True), resumed])
     want = losses(tmp_path / "full")
     assert len(want) == 4 and losses(tmp_path / "resumed") == want[2:], (losses(tmp_path / "resumed"), want)
+    # one process resumes it too: --no-fsdp is one of the settings a resume may change
+    iopo.main(["iopo", "--out", str(tmp_path / "alone"), "--resume", str(tmp_path / "full"), "--no-fsdp"])
+    assert losses(tmp_path / "alone") == pytest.approx(want[2:], abs=1e-5), (losses(tmp_path / "alone"), want)
     iopo.main(run("one"))  # the same run in one process, without FSDP
     for name in ("trainer_state.safetensors", "model.safetensors"):
         with safe_open(tmp_path / "full" / "checkpoint-2" / name, "pt") as a, \

@@ -131,6 +131,21 @@ def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     assert got == want, f"resumed {got} != uninterrupted {want}"
 
 
+def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
+    """On --resume the command line may change how the run executes (--grad-checkpointing here), not what it
+    computes: another --lr or method stops with a message naming the saved value; the same value is fine."""
+    folder, paths, base = toy_dir
+    iopo.train(config(base, paths["dpo"], tmp_path / "run", "dpo", max_steps=2, save_every=1))
+    resume = ["--out", str(tmp_path / "more"), "--resume", str(tmp_path / "run"), "--data", str(paths["dpo"])]
+    with pytest.raises(SystemExit, match=r"continues the saved run, which has lr=0.002: only device"):
+        iopo.main(["dpo", *resume, "--lr", "0.1"])
+    with pytest.raises(SystemExit, match="method='dpo'"):
+        iopo.main(["iopo", *resume])
+    assert not (tmp_path / "more" / "metrics.jsonl").exists()
+    iopo.main(["dpo", *resume, "--grad-checkpointing", "--lr", "0.002"])
+    assert [r["step"] for r in losses(tmp_path / "more")] == [2], "resumed from checkpoint-1: one step left"
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_dir, tmp_path):
     """A learning rate that blows the weights up stops the run with a message; the last good checkpoint survives."""
     folder, paths, base = toy_dir
