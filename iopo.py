@@ -748,18 +748,28 @@ def reference_sums(cfg, scorer, batch):
 
 
 @torch.no_grad()
-def reference_logps(scorer, dataset, cfg, device, autocast):
+def reference_logps(scorer, dataset, cfg, device, autocast, rank=0, world=1):
     """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order.
-    With cfg.pack the rows are packed, as in training: every prompt is encoded once here too."""
-    out = []
-    for s in tqdm(range(0, len(dataset), cfg.ref_batch_size), desc="reference log-probs", leave=False,
+    With cfg.pack the rows are packed, as in training: every prompt is encoded once here too. Under torchrun
+    (world > 1, every process calls this) process r scores examples r, r + world, ..., and all get the table."""
+    k, mine = SEQS_PER_EXAMPLE[cfg.method], range(rank, len(dataset), world)
+    out = [torch.zeros(0, k, device=device)]
+    for s in tqdm(range(0, len(mine), cfg.ref_batch_size), desc="reference log-probs", leave=False,
                   disable=not is_main()):
-        examples = [dataset[i] for i in range(s, min(s + cfg.ref_batch_size, len(dataset)))]
+        examples = [dataset[i] for i in mine[s:s + cfg.ref_batch_size]]
         batch = micro_batch(cfg, examples, dataset.tokenizer.pad_token_id, scorer.model.config.vocab_size,
                             every_sequence=True)
         with autocast():
-            out.append(reference_sums(cfg, scorer, to_device(batch, device)).cpu())  # (B, k)
-    return torch.cat(out)
+            out.append(reference_sums(cfg, scorer, to_device(batch, device)))  # (B, k)
+    table = torch.cat(out)
+    if world > 1:  # all_gather wants equal shapes: pad every share to the longest (rank 0's)
+        share = -(-len(dataset) // world)
+        parts = [torch.empty(share, k, device=device) for _ in range(world)]
+        dist.all_gather(parts, F.pad(table, (0, 0, 0, share - len(table))))
+        table = torch.empty(len(dataset), k, device=device)
+        for r, part in enumerate(parts):
+            table[r::world] = part[:len(range(r, len(dataset), world))]
+    return table.cpu()
 
 
 def file_digest(paths):
@@ -774,16 +784,18 @@ def file_digest(paths):
 # How the reference log-probs are computed; a new number invalidates every cache. 2: under autocast the head
 # runs in bfloat16 (Scorer), as the policy's does, so a cache from version 1 (float32 head) would not match.
 REFERENCE_VERSION = 2
+CACHE_KEY_CHARS = 24  # hex digits of the reference-cache key
 
 
 def reference_cache_key(cfg, tokenizer_dir):
     """A name that changes whenever the data, the tokenizer, the reference weights, the cut length, the
-    compute dtype or the way reference log-probs are computed (REFERENCE_VERSION) change. Like the device,
-    --pack is left out: packed and plain rows give the same log-probs, to rounding (tests/test_scale.py)."""
+    compute dtype, packing or the way reference log-probs are computed (REFERENCE_VERSION) change. Packed
+    and plain rows give the same log-probs to rounding (tests/test_scale.py); the key keeps them apart anyway,
+    so that one configuration always trains on the same numbers."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
-    parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0),
+    parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0), str(cfg.pack),
              file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]), file_digest(weights)]
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=CACHE_KEY_CHARS // 2).hexdigest()
 
 
 # Distributed training: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
@@ -792,9 +804,13 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def setup_distributed(device):
     if "RANK" not in os.environ or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1), device
+        return rank_and_world(), device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     if device.type == "cuda":
@@ -976,28 +992,47 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
             return None, scorer
         return None, Scorer(load_model(cfg.model, dtype=load_dtype, device=device),
                             scorer.packed_attention).requires_grad_(False)
-    key = reference_cache_key(cfg, cfg.model) if is_main() else " " * 24  # 24 hex digits
-    if dist.is_initialized():  # only rank 0 reads the weights to hash them; the others take its key
-        code = torch.tensor(list(key.encode()), dtype=torch.uint8, device=device)
+    cache_of = lambda key: Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
+    # Rank 0 alone reads the weights to hash them and looks for the cache; the others take its answer (key +
+    # "1" when cached). If rank 0 fails, every process stops: none is left waiting in the broadcast.
+    answer, error = "!" * (CACHE_KEY_CHARS + 1), None
+    if is_main():
+        try:
+            key = reference_cache_key(cfg, cfg.model)
+            answer = key + str(int(cache_of(key).is_file()))
+        except Exception as e:
+            error = e
+    if dist.is_initialized():
+        code = torch.tensor(list(answer.encode()), dtype=torch.uint8, device=device)
         dist.broadcast(code, src=0)
-        key = bytes(code.tolist()).decode()
-    cache = Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
-    if not cache.is_file() and is_main():
+        answer = bytes(code.tolist()).decode()
+    if error is not None:
+        raise error
+    if answer.startswith("!"):
+        raise RuntimeError("rank 0 could not compute the reference-cache key; its error message says why")
+    cache = cache_of(answer[:-1])
+    if answer[-1] == "0":  # every process scores its share of the examples; rank 0 writes the table
         if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
             ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device), scorer.packed_attention)
         else:
             ref = scorer
         ref.eval()
         with adapters_disabled(model):
-            ref_all = reference_logps(ref, dataset, cfg, device, autocast)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
+            ref_all = reference_logps(ref, dataset, cfg, device, autocast, *rank_and_world())
+        if is_main():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
     barrier()
     with safe_open(cache, framework="pt") as f:
         ref_all = f.get_tensor("ref_logps")
     if len(ref_all) != len(dataset):
         raise ValueError(f"{cache}: {len(ref_all)} reference rows for {len(dataset)} examples")
     return ref_all, None
+
+
+def default_lr(method):
+    """The paper's peak learning rates: 1e-4 for SFT, 5e-6 for DPO and IOPO."""
+    return 1e-4 if method == "sft" else 5e-6
 
 
 # What --resume lets the command line change: how the run is executed, not what it computes (to rounding)
@@ -1016,16 +1051,20 @@ def train(cfg, given=()):
     resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
     if resume_dir is not None:  # the saved resolved config decides everything but where to write and how to run
         saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
-        differ = [k for k in given if k not in HOW_TO_RUN + ("out", "resume") and getattr(cfg, k) != saved.get(k)]
+        # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
+        typed = {k: getattr(cfg, k) for k in given}
+        typed.update({"model": str(Path(saved["out"]) / "base")} if typed.get("model") == "toy" else {},
+                     **({"lr": default_lr(cfg.method)} if typed.get("lr") == 0 else {}))
+        differ = [k for k in typed if k not in HOW_TO_RUN + ("out", "resume") and typed[k] != saved.get(k)]
         if differ:
             raise ValueError(f"--resume {cfg.resume} continues the saved run, which has "
-                             + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + f": only {', '.join(HOW_TO_RUN)}"
-                             " may change (drop the others, or start a new run)")
+                             + ", ".join(f"{k}={saved.get(k)!r} (given: {typed[k]!r})" for k in differ)
+                             + f"; only {', '.join(HOW_TO_RUN)} may change (drop the others, or start a new run)")
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in HOW_TO_RUN},
                              "out": cfg.out, "resume": cfg.resume})
     if not cfg.data:
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
-    cfg.lr = cfg.lr or (1e-4 if cfg.method == "sft" else 5e-6)
+    cfg.lr = cfg.lr or default_lr(cfg.method)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     (rank, world), device = setup_distributed(device)
     if cfg.pack and cfg.method == "sft":
@@ -1035,7 +1074,8 @@ def train(cfg, given=()):
     packed_attention = {"auto": "rows" if device.type == "cuda" else "mask"}.get(cfg.packed_attention,
                                                                                 cfg.packed_attention)
     if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more")
+        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
+                         + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)" if resume_dir else ""))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 

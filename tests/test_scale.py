@@ -89,6 +89,23 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
         assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"{m}: 2 processes {two} vs 1 process {one}"
 
 
+def test_ddp_reference_pass_is_shared(toy, tmp_path):
+    """2 processes each score half of the examples for the reference cache (15: one share is shorter) and
+    gather a table equal to one process's."""
+    folder, paths, base = toy
+    data = tmp_path / "dpo15.jsonl"
+    data.write_text("".join(Path(paths["dpo"]).read_text().splitlines(keepends=True)[:15]))
+    run_ranks([argv("dpo", base, data, tmp_path / "two" / "run", max_steps=1)])
+    iopo.main(argv("dpo", base, data, tmp_path / "one" / "run", max_steps=1))
+    tables = {}
+    for name in ("one", "two"):
+        [cache] = (tmp_path / name / "ref_cache").glob("dpo-*.safetensors")
+        with safe_open(cache, "pt") as f:
+            tables[name] = f.get_tensor("ref_logps")
+    assert tables["one"].shape == (15, 2)
+    torch.testing.assert_close(tables["two"], tables["one"], rtol=0, atol=1e-4)
+
+
 def test_ddp_resume_continues_the_run(toy, tmp_path):
     """Under 2 processes (LoRA with dropout: each its own random masks), resuming from the step-2 checkpoint
     logs exactly the uninterrupted run's later losses."""

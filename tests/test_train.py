@@ -133,17 +133,29 @@ def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
 
 def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
     """On --resume the command line may change how the run executes (--grad-checkpointing here), not what it
-    computes: another --lr or method stops with a message naming the saved value; the same value is fine."""
+    computes: another --lr or method stops with a message naming both values; the same values are fine."""
     folder, paths, base = toy_dir
     iopo.train(config(base, paths["dpo"], tmp_path / "run", "dpo", max_steps=2, save_every=1))
     resume = ["--out", str(tmp_path / "more"), "--resume", str(tmp_path / "run"), "--data", str(paths["dpo"])]
-    with pytest.raises(SystemExit, match=r"continues the saved run, which has lr=0.002: only device"):
+    with pytest.raises(SystemExit, match=r"continues the saved run, which has lr=0.002 \(given: 0.1\); only device"):
         iopo.main(["dpo", *resume, "--lr", "0.1"])
-    with pytest.raises(SystemExit, match="method='dpo'"):
+    with pytest.raises(SystemExit, match="method='dpo' \\(given: 'iopo'\\)"):
         iopo.main(["iopo", *resume])
     assert not (tmp_path / "more" / "metrics.jsonl").exists()
     iopo.main(["dpo", *resume, "--grad-checkpointing", "--lr", "0.002"])
     assert [r["step"] for r in losses(tmp_path / "more")] == [2], "resumed from checkpoint-1: one step left"
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["grad_checkpointing"] is True
+
+
+def test_resume_accepts_the_original_command(toy_dir, tmp_path):
+    """The first run's own command plus --resume is accepted: --model toy and --lr 0 match what they resolved to."""
+    folder, paths, base = toy_dir
+    first = ["sft", "--model", "toy", "--toy-preset", "tiny", "--toy-vocab", "300", "--data", str(paths["sft"]),
+             "--max-steps", "2", "--save-every", "1", "--batch-size", "2", "--grad-accum", "1", "--lr", "0"]
+    iopo.main([*first, "--out", str(tmp_path / "run")])
+    iopo.main([*first, "--out", str(tmp_path / "more"), "--resume", str(tmp_path / "run")])
+    assert [r["step"] for r in losses(tmp_path / "more")] == [2]
+    assert losses(tmp_path / "more")[0]["loss"] == losses(tmp_path / "run")[1]["loss"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_dir, tmp_path):
