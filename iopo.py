@@ -752,20 +752,23 @@ def reference_logps(scorer, dataset, cfg, device, autocast, rank=0, world=1):
     """(N, k) float32: sum of reference log-probs of each of the k sequences of every example, in dataset order.
     With cfg.pack the rows are packed, as in training: every prompt is encoded once here too. Under torchrun
     (world > 1, every process calls this) process r scores examples r, r + world, ..., and all get the table."""
-    k, mine = SEQS_PER_EXAMPLE[cfg.method], range(rank, len(dataset), world)
-    out = [torch.zeros(0, k, device=device)]
-    for s in tqdm(range(0, len(mine), cfg.ref_batch_size), desc="reference log-probs", leave=False,
+    k, share = SEQS_PER_EXAMPLE[cfg.method], -(-len(dataset) // world)
+    # every process runs as many batches (under FSDP each forward gathers weights: a collective), so a
+    # shorter share is topped up with example 0, whose rows are dropped below
+    mine = list(range(rank, len(dataset), world))
+    mine += [0] * (share - len(mine))
+    out = []
+    for s in tqdm(range(0, share, cfg.ref_batch_size), desc="reference log-probs", leave=False,
                   disable=not is_main()):
         examples = [dataset[i] for i in mine[s:s + cfg.ref_batch_size]]
         batch = micro_batch(cfg, examples, dataset.tokenizer.pad_token_id, scorer.model.config.vocab_size,
                             every_sequence=True)
         with autocast():
             out.append(reference_sums(cfg, scorer, to_device(batch, device)))  # (B, k)
-    table = torch.cat(out)
-    if world > 1:  # all_gather wants equal shapes: pad every share to the longest (rank 0's)
-        share = -(-len(dataset) // world)
+    table = torch.cat(out)  # (share, k)
+    if world > 1:
         parts = [torch.empty(share, k, device=device) for _ in range(world)]
-        dist.all_gather(parts, F.pad(table, (0, 0, 0, share - len(table))))
+        dist.all_gather(parts, table)
         table = torch.empty(len(dataset), k, device=device)
         for r, part in enumerate(parts):
             table[r::world] = part[:len(range(r, len(dataset), world))]
@@ -983,6 +986,24 @@ def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
     return {f"eval/{k}": v / n_batches for k, v in totals.items()}
 
 
+def place_scorer(scorer, cfg):
+    """Under --fsdp, shard with FSDP2: each block's tensors become DTensors (a shard per process), gathered
+    only for its forward and backward; then the root (embeddings, final norm, head). fully_shard moves a CPU
+    module's tensors to the GPU as it shards them, one block at a time, so no GPU ever holds the whole model."""
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in scorer.model.model.layers:
+            fully_shard(layer)
+        fully_shard(scorer)
+    return scorer
+
+
+def starting_weights(cfg, load_dtype, device, packed_attention):
+    """A frozen Scorer of the starting weights (the reference of full fine-tuning), placed like the policy."""
+    net = load_model(cfg.model, dtype=load_dtype, device="cpu" if cfg.fsdp else device).requires_grad_(False)
+    return place_scorer(Scorer(net, packed_attention), cfg)
+
+
 def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast):
     """(ref_all, ref_scorer): the cached (N, k) reference log-probs of every example, or (with
     --ref-on-the-fly) the network that computes them at each step; the other one is None."""
@@ -990,8 +1011,7 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
         if lora:
             return None, scorer
-        return None, Scorer(load_model(cfg.model, dtype=load_dtype, device=device),
-                            scorer.packed_attention).requires_grad_(False)
+        return None, starting_weights(cfg, load_dtype, device, scorer.packed_attention)
     cache_of = lambda key: Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
     # Rank 0 alone reads the weights to hash them and looks for the cache; the others take its answer (key +
     # "1" when cached). If rank 0 fails, every process stops: none is left waiting in the broadcast.
@@ -1012,8 +1032,11 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         raise RuntimeError("rank 0 could not compute the reference-cache key; its error message says why")
     cache = cache_of(answer[:-1])
     if answer[-1] == "0":  # every process scores its share of the examples; rank 0 writes the table
-        if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
-            ref = Scorer(load_model(cfg.model, dtype=load_dtype, device=device), scorer.packed_attention)
+        # The starting weights are the policy itself before it trains (LoRA: with adapters off), except when
+        # it has moved (resume) or is sharded: a sharded policy must not run forwards before its first step
+        # (FSDP2 keeps per-iteration state; after this pass the first update came out wrong, tests/test_scale.py)
+        if cfg.fsdp or (resume_dir is not None and not lora):
+            ref = starting_weights(cfg, load_dtype, device, scorer.packed_attention)
         else:
             ref = scorer
         ref.eval()
@@ -1105,7 +1128,8 @@ def train(cfg, given=()):
     load_dtype = torch.bfloat16 if bf16 and cfg.lora_rank else torch.float32
     source = resume_dir if resume_dir is not None and not cfg.lora_rank else cfg.model
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
-    model = load_model(source, dtype=load_dtype, device=device)
+    # Under FSDP the weights load on the CPU and reach the GPU block by block, as shards (place_scorer)
+    model = load_model(source, dtype=load_dtype, device="cpu" if cfg.fsdp else device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
     if lora and resume_dir is not None:
@@ -1113,7 +1137,7 @@ def train(cfg, given=()):
     if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all;
         for layer in model.model.layers:  # dynamic: batch widths change every step, and this compiles once
             layer.compile(dynamic=True)
-    scorer = Scorer(model, packed_attention)
+    scorer = place_scorer(Scorer(model, packed_attention), cfg)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else contextlib.nullcontext)
 
@@ -1121,11 +1145,6 @@ def train(cfg, given=()):
     ref_all, ref_scorer = (None, None) if kind == "sft" else prepare_reference(
         cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast)
 
-    if cfg.fsdp:  # FSDP2: each block's tensors become shards (DTensors), gathered only for its forward/backward
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(scorer)  # the root: embeddings, final norm and head
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
     sampler = BatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed)

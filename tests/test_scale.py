@@ -89,13 +89,15 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
         assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"{m}: 2 processes {two} vs 1 process {one}"
 
 
-def test_ddp_reference_pass_is_shared(toy, tmp_path):
-    """2 processes each score half of the examples for the reference cache (15: one share is shorter) and
-    gather a table equal to one process's."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_reference_pass_is_shared(toy, tmp_path, fsdp):
+    """2 processes each score half of the examples for the reference cache (15: one share is shorter, topped
+    up so that FSDP's sharded forwards stay in step) and gather a table equal to one process's."""
     folder, paths, base = toy
     data = tmp_path / "dpo15.jsonl"
     data.write_text("".join(Path(paths["dpo"]).read_text().splitlines(keepends=True)[:15]))
-    run_ranks([argv("dpo", base, data, tmp_path / "two" / "run", max_steps=1)])
+    run_ranks([argv("dpo", base, data, tmp_path / "two" / "run", max_steps=1, fsdp=fsdp, ref_batch_size=2)],
+              timeout=60)
     iopo.main(argv("dpo", base, data, tmp_path / "one" / "run", max_steps=1))
     tables = {}
     for name in ("one", "two"):
@@ -124,11 +126,14 @@ def test_ddp_resume_continues_the_run(toy, tmp_path):
 # --- sharded parameters (FSDP2)
 
 
-def test_fsdp_two_processes_match_one(toy, tmp_path):
-    """--fsdp on 2 gloo processes logs the 1-process losses and saves full weights equal to the 1-process run's."""
+@pytest.mark.parametrize("ref_on_the_fly,lora_rank", [(False, 0), (True, 0), (False, 4)])
+def test_fsdp_two_processes_match_one(toy, tmp_path, ref_on_the_fly, lora_rank):
+    """--fsdp on 2 gloo processes logs the 1-process losses and saves full weights equal to the 1-process run's
+    (the reference from the cache, or per step from a sharded copy of the starting weights)."""
     folder, paths, base = toy
-    run_ranks([argv("dpo", base, paths["dpo"], tmp_path / "fsdp", fsdp=True)])
-    one = iopo.main(argv("dpo", base, paths["dpo"], tmp_path / "one")) or losses(tmp_path / "one")
+    run_ranks([argv("dpo", base, paths["dpo"], tmp_path / "fsdp", fsdp=True, ref_on_the_fly=ref_on_the_fly,
+                    lora_rank=lora_rank)])
+    one = iopo.main(argv("dpo", base, paths["dpo"], tmp_path / "one", lora_rank=lora_rank)) or losses(tmp_path / "one")
     two = losses(tmp_path / "fsdp")
     assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"FSDP {two} vs 1 process {one}"
     a, b = M.load_model(tmp_path / "fsdp" / "final").state_dict(), M.load_model(tmp_path / "one" / "final").state_dict()
