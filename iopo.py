@@ -1008,8 +1008,9 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
     """(ref_all, ref_scorer): the cached (N, k) reference log-probs of every example, or (with
     --ref-on-the-fly) the network that computes them at each step; the other one is None."""
     if cfg.ref_on_the_fly:
-        # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
-        if lora:
+        # LoRA: the same network with adapters off; full fine-tuning or FSDP (see below): a frozen copy of the
+        # starting weights
+        if lora and not cfg.fsdp:
             return None, scorer
         return None, starting_weights(cfg, load_dtype, device, scorer.packed_attention)
     cache_of = lambda key: Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"

@@ -126,7 +126,7 @@ def test_ddp_resume_continues_the_run(toy, tmp_path):
 # --- sharded parameters (FSDP2)
 
 
-@pytest.mark.parametrize("ref_on_the_fly,lora_rank", [(False, 0), (True, 0), (False, 4)])
+@pytest.mark.parametrize("ref_on_the_fly,lora_rank", [(False, 0), (True, 0), (False, 4), (True, 4)])
 def test_fsdp_two_processes_match_one(toy, tmp_path, ref_on_the_fly, lora_rank):
     """--fsdp on 2 gloo processes logs the 1-process losses and saves full weights equal to the 1-process run's
     (the reference from the cache, or per step from a sharded copy of the starting weights)."""
