@@ -30,6 +30,7 @@ What we simplify or leave out:
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import inspect
 import json
@@ -460,9 +461,10 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), float32
+        a = torch.empty(rank, self.in_features)  # drawn on the CPU: the same adapters whatever the device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        self.lora_A = nn.Parameter(a.to(device))  # (r, in), float32
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.adapter_enabled = True
@@ -986,31 +988,33 @@ def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
     return {f"eval/{k}": v / n_batches for k, v in totals.items()}
 
 
-def place_scorer(scorer, cfg):
+def place_scorer(scorer, cfg, frozen=False):
     """Under --fsdp, shard with FSDP2: each block's tensors become DTensors (a shard per process), gathered
     only for its forward and backward; then the root (embeddings, final norm, head). fully_shard moves a CPU
-    module's tensors to the GPU as it shards them, one block at a time, so no GPU ever holds the whole model."""
+    module's tensors to the GPU as it shards them, one block at a time, so no GPU ever holds the whole model.
+    The root keeps its weights gathered from its forward until its backward; a frozen network never runs
+    backward, so its root gives them back after each forward instead."""
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in scorer.model.model.layers:
             fully_shard(layer)
-        fully_shard(scorer)
+        fully_shard(scorer, **({"reshard_after_forward": True} if frozen else {}))
     return scorer
 
 
 def starting_weights(cfg, load_dtype, device, packed_attention):
-    """A frozen Scorer of the starting weights (the reference of full fine-tuning), placed like the policy."""
+    """A frozen Scorer of the starting weights (full fine-tuning's reference once the policy moves), placed
+    like the policy."""
     net = load_model(cfg.model, dtype=load_dtype, device="cpu" if cfg.fsdp else device).requires_grad_(False)
-    return place_scorer(Scorer(net, packed_attention), cfg)
+    return place_scorer(Scorer(net, packed_attention), cfg, frozen=True)
 
 
 def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast):
     """(ref_all, ref_scorer): the cached (N, k) reference log-probs of every example, or (with
     --ref-on-the-fly) the network that computes them at each step; the other one is None."""
     if cfg.ref_on_the_fly:
-        # LoRA: the same network with adapters off; full fine-tuning or FSDP (see below): a frozen copy of the
-        # starting weights
-        if lora and not cfg.fsdp:
+        # LoRA: the same network with adapters off; full fine-tuning: a frozen copy of the start weights
+        if lora:
             return None, scorer
         return None, starting_weights(cfg, load_dtype, device, scorer.packed_attention)
     cache_of = lambda key: Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
@@ -1033,16 +1037,20 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         raise RuntimeError("rank 0 could not compute the reference-cache key; its error message says why")
     cache = cache_of(answer[:-1])
     if answer[-1] == "0":  # every process scores its share of the examples; rank 0 writes the table
-        # The starting weights are the policy itself before it trains (LoRA: with adapters off), except when
-        # it has moved (resume) or is sharded: a sharded policy must not run forwards before its first step
-        # (FSDP2 keeps per-iteration state; after this pass the first update came out wrong, tests/test_scale.py)
-        if cfg.fsdp or (resume_dir is not None and not lora):
+        if resume_dir is not None and not lora:  # the policy has moved: reload the starting weights
             ref = starting_weights(cfg, load_dtype, device, scorer.packed_attention)
         else:
             ref = scorer
         ref.eval()
         with adapters_disabled(model):
             ref_all = reference_logps(ref, dataset, cfg, device, autocast, *rank_and_world())
+        if ref is scorer and cfg.fsdp:
+            # FSDP2 leaves the policy's root gathered after these forwards (until a backward): shard it again,
+            # or model.parameters() would hand the optimizer whole tensors instead of this process's shards
+            scorer.reshard()
+        else:
+            del ref
+            gc.collect()  # a sharded copy's hooks keep it alive in reference cycles
         if is_main():
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(cache, lambda tmp: save_file({"ref_logps": ref_all.contiguous()}, tmp))
@@ -1241,8 +1249,9 @@ def train(cfg, given=()):
             if ref_all is not None:
                 ref_held = ref_all[heldout.indices]
             elif ref_scorer is not None and ref_held is None:  # --ref-on-the-fly: the reference never changes
-                with adapters_disabled(model):
-                    ref_held = reference_logps(ref_scorer, heldout, cfg, device, autocast)
+                with adapters_disabled(model):  # under FSDP every process is here: share the pass
+                    ref_held = reference_logps(ref_scorer, heldout, cfg, device, autocast,
+                                               *(rank_and_world() if cfg.fsdp else (0, 1)))
             row.update(evaluate_loss(scorer, heldout, ref_held, cfg, device, autocast))
             model.train()
         if is_main():

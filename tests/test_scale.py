@@ -128,14 +128,17 @@ def test_ddp_resume_continues_the_run(toy, tmp_path):
 
 @pytest.mark.parametrize("ref_on_the_fly,lora_rank", [(False, 0), (True, 0), (False, 4), (True, 4)])
 def test_fsdp_two_processes_match_one(toy, tmp_path, ref_on_the_fly, lora_rank):
-    """--fsdp on 2 gloo processes logs the 1-process losses and saves full weights equal to the 1-process run's
-    (the reference from the cache, or per step from a sharded copy of the starting weights)."""
+    """--fsdp on 2 gloo processes logs the 1-process losses and held-out losses (3 steps, evaluated after each)
+    and saves full weights equal to the 1-process run's; the reference from the cache (computed by the sharded
+    policy before its first step), or per step (LoRA: adapters off; full fine-tuning: a sharded frozen copy)."""
     folder, paths, base = toy
-    run_ranks([argv("dpo", base, paths["dpo"], tmp_path / "fsdp", fsdp=True, ref_on_the_fly=ref_on_the_fly,
-                    lora_rank=lora_rank)])
-    one = iopo.main(argv("dpo", base, paths["dpo"], tmp_path / "one", lora_rank=lora_rank)) or losses(tmp_path / "one")
-    two = losses(tmp_path / "fsdp")
-    assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"FSDP {two} vs 1 process {one}"
+    kw = dict(lora_rank=lora_rank, max_steps=3, eval_every=1, eval_size=4)
+    run_ranks([argv("dpo", base, paths["dpo"], tmp_path / "fsdp", fsdp=True, ref_on_the_fly=ref_on_the_fly, **kw)])
+    iopo.main(argv("dpo", base, paths["dpo"], tmp_path / "one", **kw))
+    logged = lambda out: [json.loads(line)[k] for line in (out / "metrics.jsonl").read_text().splitlines()
+                          for k in ("loss", "eval/loss")]
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "fsdp")
+    assert len(two) == 6 and two == pytest.approx(one, abs=1e-5), f"FSDP {two} vs 1 process {one}"
     a, b = M.load_model(tmp_path / "fsdp" / "final").state_dict(), M.load_model(tmp_path / "one" / "final").state_dict()
     worst = max((a[k] - b[k]).abs().max().item() for k in b)
     assert a.keys() == b.keys() and worst < 1e-4, f"FSDP final weights differ from 1 process by {worst}"
