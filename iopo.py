@@ -21,7 +21,7 @@ What we simplify or leave out:
    when the policy equals the reference (SPEC writes them as sums; the gradient is halved, nothing else).
 3. The log-prob kernel only scores positions whose label is not `ignore_index`; the others cost nothing.
 4. Reference log-probs come from the starting weights and are cached once per (data, tokenizer, weights,
-   max_len); the reference never changes during training, as in the paper.
+   max_len, dtype, packing: reference_cache_key); the reference never changes during training, as in the paper.
 5. Under --fsdp a checkpoint is gathered whole on rank 0 (one file set, the same as without FSDP, resumable
    with or without it), not written as shards by every process: simple, but rank 0 must hold it all on the CPU.
 6. The toy reproduction trains a tiny model on 9 easy constraint families; it shows the machinery, not
