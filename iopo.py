@@ -570,7 +570,8 @@ class TrainConfig:
     eval_every: int = 0  # evaluate the loss on the held-out slice every N steps (0: never)
     eval_size: int = 0  # examples held out from --data for that evaluation
     save_every: int = 0  # write a resumable checkpoint every N steps (0: only the final model)
-    resume: str = ""  # checkpoint (or output folder: its latest) to continue, as saved; only HOW_TO_RUN flags may change
+    keep_checkpoints: int = 0  # keep the newest N checkpoints; older ones go once a new one is complete (0: all)
+    resume: str = ""  # checkpoint (or output folder: its latest) to continue as saved; HOW_TO_RUN flags may change
     skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
     toy_preset: str = "toy"  # model.PRESETS size for --model toy
     toy_vocab: int = 2048  # tokenizer vocabulary for --model toy
@@ -945,12 +946,19 @@ def gather_rng_states(device, world):
     return states
 
 
+def checkpoints(folder):
+    """The complete checkpoint-N folders in `folder`, oldest (smallest N) first."""
+    found = [p for p in Path(folder).glob("checkpoint-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def latest_checkpoint(path):
     """`path` itself when it is a checkpoint, else its checkpoint-N folder with the largest N."""
     path = Path(path)
     if (path / "trainer_state.json").is_file():
         return path
-    found = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    found = checkpoints(path)
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint-N folder with a trainer_state.json in it")
     return found[-1]
@@ -1069,7 +1077,7 @@ def default_lr(method):
 
 # What --resume lets the command line change: how the run is executed, not what it computes (to rounding)
 HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attention", "fsdp", "ref_on_the_fly",
-              "ref_batch_size", "eval_every", "save_every", "log_every")
+              "ref_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every")
 
 
 def train(cfg, given=()):
@@ -1271,6 +1279,8 @@ def train(cfg, given=()):
             if is_main():
                 last_ckpt = out / f"checkpoint-{step + 1}"
                 save_checkpoint(last_ckpt, whole, cfg.model, opt, sampler, step + 1, cfg, lora, rank_rng)
+                for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+                    shutil.rmtree(old)
             barrier()
     bar.close()
     final = out / "final"

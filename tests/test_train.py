@@ -131,6 +131,14 @@ def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     assert got == want, f"resumed {got} != uninterrupted {want}"
 
 
+def test_keep_checkpoints_deletes_only_older_ones(toy_dir, tmp_path):
+    """--keep-checkpoints 2 with a checkpoint every step of 6 leaves the newest two (4 and 5; 6 is the final)."""
+    folder, paths, base = toy_dir
+    iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=6, save_every=1, keep_checkpoints=2))
+    assert [p.name for p in iopo.checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-5"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [], "no temporary left"
+
+
 def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
     """On --resume the command line may change how the run executes (--grad-checkpointing here), not what it
     computes: another --lr or method stops with a message naming both values; the same values are fine."""
