@@ -1093,8 +1093,10 @@ def train(cfg, given=()):
         saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
         # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
         typed = {k: getattr(cfg, k) for k in given}
-        typed.update({"model": str(Path(saved["out"]) / "base")} if typed.get("model") == "toy" else {},
-                     **({"lr": default_lr(cfg.method)} if typed.get("lr") == 0 else {}))
+        if typed.get("model") == "toy":
+            typed["model"] = str(Path(saved["out"]) / "base")
+        if typed.get("lr") == 0:
+            typed["lr"] = default_lr(cfg.method)
         differ = [k for k in typed if k not in HOW_TO_RUN + ("out", "resume") and typed[k] != saved.get(k)]
         if differ:
             raise ValueError(f"--resume {cfg.resume} continues the saved run, which has "
@@ -1115,7 +1117,8 @@ def train(cfg, given=()):
                                                                                 cfg.packed_attention)
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
-                         + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)" if resume_dir else ""))
+                         + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
+                            if resume_dir is not None and "fsdp" not in given else ""))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
