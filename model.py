@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from tqdm import tqdm
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("llama3", "linear")  # rope_type "default" is stored as rope_scaling=None
+ROPE_FIELDS = {"linear": ("factor",),  # what each scaling reads (rope_frequencies)
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,16 +74,32 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {list(ARCHITECTURES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads"):
+            value = getattr(self, key)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                                 f"{self.num_attention_heads} (and no head_dim is given)")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if type(self.head_dim) is not int or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be an even positive integer (RoPE rotates pairs), got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         if self.model_type == "qwen2":
             self.attention_bias = True  # Qwen2 always has q/k/v biases; its config.json has no flag for it
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
-            raise ValueError(f"RoPE scaling {self.rope_scaling.get('rope_type')!r} is not supported; "
-                             f"expected one of {ROPE_TYPES} or none")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"RoPE scaling {kind!r} is not supported; expected one of {ROPE_TYPES} or none")
+            missing = [k for k in ROPE_FIELDS[kind] if not isinstance(self.rope_scaling.get(k), (int, float))]
+            if missing:
+                raise ValueError(f"RoPE scaling {kind!r} needs numbers for {missing}, got {self.rope_scaling}")
 
     def layer_uses_window(self, i):
         return self.sliding_window is not None and i >= self.max_window_layers
@@ -97,6 +116,8 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
             hf = read_json(path)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of {list(ARCHITECTURES)}")
@@ -108,7 +129,10 @@ class ModelConfig:
                 raise ValueError(f"{source}: required field {key!r} is missing")
 
         # RoPE: transformers 5 puts everything in rope_parameters; older files use rope_theta + rope_scaling
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_scaling / rope_parameters must be an object, got {rope!r}")
+        rope = dict(rope)
         if rope and all(isinstance(v, dict) for v in rope.values()):
             raise ValueError(f"{source}: per-layer-type rope_parameters are not supported")
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -136,27 +160,30 @@ class ModelConfig:
             window = None
 
         heads = hf["num_attention_heads"]
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            attention_bias=bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            max_window_layers=max_window_layers,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
-        )
+        try:  # ModelConfig checks the values in __post_init__; say which file they came from
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim"),
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                attention_bias=bool(hf.get("attention_bias", False)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                sliding_window=window,
+                max_window_layers=max_window_layers,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+                torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf(self):
         """The legacy config.json layout, which both transformers 4 and 5 read."""
@@ -532,6 +559,7 @@ class Transformer(nn.Module):
 # Checkpoints: Hugging Face folders of config.json + safetensors (one file, or shards with an index)
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -544,6 +572,10 @@ def checkpoint_files(path):
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{path / INDEX_NAME}: no 'weight_map' object")
         where = {name: path / shard for name, shard in index["weight_map"].items()}
+        for name, shard in index["weight_map"].items():
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise ValueError(f"{path / INDEX_NAME}: shard {shard!r} of tensor {name!r} is not a file name in "
+                                 f"that folder")
         for name, file in where.items():
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: shard not found (listed in {path / INDEX_NAME} for tensor {name!r})")
@@ -592,6 +624,10 @@ def load_model(path, dtype=None, device="cpu"):
         listing = path / INDEX_NAME if (path / INDEX_NAME).is_file() else path / WEIGHTS_NAME
         raise ValueError(f"missing tensor {name!r}: not found in {listing}")
 
+    if dtype is None:  # the checkpoint's own dtype: the embedding's (every model has one)
+        with safe_open(where["model.embed_tokens.weight"], framework="pt") as f:
+            stored = f.get_slice("model.embed_tokens.weight").get_dtype()
+        dtype = SAFETENSORS_FLOATS.get(stored, torch.float32)
     state = {}
     for file in sorted(set(where.values())):
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -603,9 +639,10 @@ def load_model(path, dtype=None, device="cpu"):
                     t = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"tensor {name!r} in {file} cannot be read ({e})") from None
-                if dtype is None:
-                    dtype = t.dtype  # the first tensor decides: the checkpoint's own dtype
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                if not t.is_floating_point():
+                    raise ValueError(f"tensor {name!r} in {file} has dtype {t.dtype}, expected a floating-point one "
+                                     f"(quantised checkpoints are not supported)")
+                state[name] = t.to(device=device, dtype=dtype)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -617,9 +654,13 @@ def load_model(path, dtype=None, device="cpu"):
 def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
     """Write a folder that both load_model and transformers read: config.json, generation_config.json and the
     weights (one model.safetensors, or shards plus an index above max_shard_bytes; a tied head is stored once),
-    plus the tokenizer files from tokenizer_dir. Every file is written to a temporary name and renamed."""
+    plus the tokenizer files from tokenizer_dir. Everything is first written to a folder beside `path`; only
+    when all of it is complete are the files moved in (config.json last) and an earlier save's weight files
+    removed, so a failure while writing (a full disk, a missing tokenizer) leaves a model already at `path`
+    as it was. Other files in `path` are left alone."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: file not found")
     config = model.config
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -636,26 +677,38 @@ def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
         size += nbytes
     names = [WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        write_atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json_atomic(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    for stale in [path / WEIGHTS_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
-        if stale.name not in names and not (stale.name == INDEX_NAME and len(shards) > 1):
-            stale.unlink(missing_ok=True)  # weights of an earlier save would shadow or mix with these
 
-    write_json_atomic(path / "config.json", {**config.to_hf(), "torch_dtype": dtype})
-    write_json_atomic(path / "generation_config.json",
-                      {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
-    if tokenizer_dir is not None:  # the tokenizer folder's generation_config.json, if any, replaces ours
-        tokenizer_dir = Path(tokenizer_dir)
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'}: file not found")
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                write_atomic(path / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
+    stage = path.with_name(f".{path.name}.saving")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        for name, shard in zip(names, shards):
+            save_file(shard, stage / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_json_atomic(stage / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if tokenizer_dir is not None:  # the tokenizer folder's generation_config.json, if any, replaces ours
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, stage / name)
+        if not (stage / "generation_config.json").exists():
+            write_json_atomic(stage / "generation_config.json",
+                              {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+        write_json_atomic(stage / "config.json", {**config.to_hf(), "torch_dtype": dtype})
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    path.mkdir(parents=True, exist_ok=True)
+    weights = names + ([INDEX_NAME] if len(shards) > 1 else [])
+    for name in weights:
+        os.replace(stage / name, path / name)
+    for stale in [path / WEIGHTS_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
+        if stale.name not in weights:
+            stale.unlink(missing_ok=True)  # weights of an earlier save would shadow or mix with these
+    for file in sorted(stage.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+        os.replace(file, path / file.name)
+    stage.rmdir()
 
 
 # -----------------------------------------------------------------------------
@@ -809,6 +862,17 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_tok
     the whole prefix (the baseline bench.py compares against); both give the same greedy tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate needs max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if not all(0 <= t < V for t in p):
+            raise ValueError(f"prompt {i} has token ids outside the model's vocabulary of {V} "
+                             f"(min {min(p)}, max {max(p)}): is the tokenizer the model's?")
+    if max(len(p) for p in prompts) + max_new_tokens > model.config.max_position_embeddings:
+        warnings.warn(f"prompt + max_new_tokens exceeds the model's max_position_embeddings "
+                      f"({model.config.max_position_embeddings}): positions beyond it were never trained")
     device = model.model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
@@ -868,14 +932,19 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = parser.parse_args()
-
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    reply = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     eos_token_ids=tok.eos_token_ids, seed=args.seed, pad_token_id=tok.pad_token_id, progress=True)[0]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this machine has no CUDA device")
+    try:
+        tok = load_tokenizer(args.model)
+        model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        reply = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         eos_token_ids=tok.eos_token_ids, seed=args.seed, pad_token_id=tok.pad_token_id,
+                         progress=True)[0]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     print(tok.decode(reply))
 
 

@@ -125,12 +125,26 @@ def test_config_layouts_agree():
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic' is not supported"),
     ({"hidden_act": "gelu"}, "only a bias-free SiLU MLP"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+    ({"num_attention_heads": 6, "head_dim": None}, "hidden_size=32 is not a multiple of num_attention_heads=6"),
+    ({"head_dim": 7}, "head_dim must be an even positive integer"),
+    ({"vocab_size": "512"}, "vocab_size must be a positive integer, got '512'"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer or null, got 0"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"RoPE scaling 'linear' needs numbers for \['factor'\]"),
+    ({"rope_scaling": "linear"}, "rope_scaling / rope_parameters must be an object"),
 ])
-def test_config_errors(change, message):
-    """Unsupported config.json contents are refused with a message naming the field."""
+def test_config_errors(change, message, tmp_path):
+    """Unsupported or inconsistent config.json contents are refused with a message naming the file and field."""
     hf = {**json.loads((FIXTURES / "llama_gqa_untied" / "config.json").read_text()), **change}
-    with pytest.raises(ValueError, match=message):
-        M.ModelConfig.from_hf(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+        M.ModelConfig.from_hf(tmp_path)
+
+
+def test_config_must_be_an_object(tmp_path):
+    """A config.json holding a JSON list is refused by name."""
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, got list"):
+        M.ModelConfig.from_hf(tmp_path)
 
 
 def test_toy_presets_size_and_init():
@@ -236,6 +250,57 @@ def test_save_over_sharded_removes_stale_weights(tiny_model, tmp_path):
     M.save_model(tiny_model, tmp_path, max_shard_bytes=20_000)
     M.save_model(tiny_model, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+def test_failed_save_leaves_the_old_model(tiny_model, tmp_path, monkeypatch):
+    """A save that fails midway (the second of three shards, as on a full disk) or before it starts (no
+    tokenizer.json) leaves the model already in the folder loadable and unchanged, and no staging folder."""
+    M.save_model(tiny_model, tmp_path / "m", max_shard_bytes=20_000)
+    before = {k: v.clone() for k, v in M.load_model(tmp_path / "m").state_dict().items()}
+    changed = M.Transformer(tiny_model.config)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(1.0)
+    real, calls = M.save_file, []
+
+    def failing(tensors, file, **kw):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real(tensors, file, **kw)
+
+    monkeypatch.setattr(M, "save_file", failing)
+    with pytest.raises(OSError, match="No space left"):
+        M.save_model(changed, tmp_path / "m", max_shard_bytes=20_000)
+    monkeypatch.setattr(M, "save_file", real)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        M.save_model(changed, tmp_path / "m", tokenizer_dir=tmp_path / "nowhere")
+    after = M.load_model(tmp_path / "m").state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the old weights changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], sorted(tmp_path.iterdir())
+
+
+def test_dtype_and_float_checks(tmp_path):
+    """The checkpoint's dtype is its embedding's (not whichever tensor sorts first), and an integer tensor is
+    refused by name."""
+    d = copy_fixture("llama_gqa_untied", tmp_path)
+    weights = load_file(d / "model.safetensors")
+    save_file({**weights, "lm_head.weight": weights["lm_head.weight"].half()}, d / "model.safetensors")
+    assert M.load_model(d).model.embed_tokens.weight.dtype == torch.float32
+    save_file({**weights, "model.norm.weight": weights["model.norm.weight"].long()}, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' in .*model.safetensors has dtype torch.int64"):
+        M.load_model(d)
+
+
+def test_index_shards_stay_in_the_folder(tmp_path):
+    """An index that points a tensor outside its folder is refused."""
+    d = copy_fixture("llama_sharded_bf16", tmp_path)
+    index = json.loads((d / M.INDEX_NAME).read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    (d / M.INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is not a file name in that folder"):
+        M.load_model(d)
 
 
 def test_missing_lm_head_means_tied(tmp_path):
@@ -459,6 +524,15 @@ def test_generate_sampling_is_seeded(tiny_model):
     assert a == b and a != c, (a, c)
     greedy = M.generate(tiny_model, prompts, 16)
     assert M.generate(tiny_model, prompts, 16, temperature=1.0, top_p=1e-6, seed=9) == greedy
+
+
+def test_generate_checks_its_arguments(tiny_model):
+    """top_p outside (0, 1], a negative length or temperature, and token ids beyond the vocabulary are refused."""
+    for kw in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=-1)):
+        with pytest.raises(ValueError, match="0 < top_p <= 1"):
+            M.generate(tiny_model, [[1, 2]], **{"max_new_tokens": 2, **kw})
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        M.generate(tiny_model, [[1, tiny_model.config.vocab_size]], 2)
 
 
 def test_top_p_keeps_the_nucleus():
