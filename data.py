@@ -128,6 +128,10 @@ def _text(value, path):
         raise _Bad(f"{_label(path)} should be a string, got {_type_name(value)}")
     if not value.strip():
         raise _Bad(f"{_label(path)} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes can spell lone surrogates
+        raise _Bad(f"{_label(path)} is not valid Unicode text ({e.reason} at character {e.start})") from None
     return value
 
 
@@ -137,11 +141,11 @@ def _message(msg, path):
         raise _Bad(f'{_label(path)} should be an object with "role" and "content", got {_type_name(msg)}')
     if "from" in msg and "role" not in msg:
         role = msg["from"]
-        if role not in SHAREGPT_ROLES:
+        if not isinstance(role, str) or role not in SHAREGPT_ROLES:
             raise _Bad(f'{_label(path + ("from",))} is {json.dumps(role)}; expected one of human, gpt, system')
         return {"role": SHAREGPT_ROLES[role], "content": _text(_get(msg, "value", path), path + ("value",))}
     role = _get(msg, "role", path)
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise _Bad(f'{_label(path + ("role",))} is {json.dumps(role)}; expected one of {", ".join(ROLES)}')
     return {"role": role, "content": _text(_get(msg, "content", path), path + ("content",))}
 
@@ -204,10 +208,13 @@ def normalize_sft(rec):
 def normalize_dpo(rec):
     """{"prompt": messages, "chosen": str, "rejected": str}; sharegpt's "conversations" names the prompt."""
     key = "conversations" if "conversations" in rec and "prompt" not in rec else "prompt"
-    return {"prompt": _prompt(_get(rec, key), key),
-            "chosen": _response(_get(rec, "chosen"), "chosen"),
-            "rejected": _response(_get(rec, "rejected"), "rejected"),
-            **_extras(rec, {key, "chosen", "rejected"})}
+    out = {"prompt": _prompt(_get(rec, key), key),
+           "chosen": _response(_get(rec, "chosen"), "chosen"),
+           "rejected": _response(_get(rec, "rejected"), "rejected"),
+           **_extras(rec, {key, "chosen", "rejected"})}
+    if out["chosen"] == out["rejected"]:  # a pair with nothing to prefer: its gradient is zero
+        raise _Bad('"chosen" and "rejected" are the same text')
+    return out
 
 
 def normalize_iopo(rec):
@@ -219,12 +226,22 @@ def normalize_iopo(rec):
         if len(asks) != 2 or any(t["role"] != "user" for t in asks):
             raise _Bad(f'"conversations" should hold two human turns (x1 and x2), holds '
                        f'{", ".join(t["role"] for t in asks)}')
-        return {"x1": system + asks[:1], "y1": _response(_get(rec, "chosen"), "chosen"),
-                "x2": system + asks[1:], "y2": _response(_get(rec, "rejected"), "rejected"),
-                **_extras(rec, {"conversations", "chosen", "rejected"})}
-    return {"x1": _prompt(_get(rec, "x1"), "x1"), "y1": _response(_get(rec, "y1"), "y1"),
-            "x2": _prompt(_get(rec, "x2"), "x2"), "y2": _response(_get(rec, "y2"), "y2"),
-            **_extras(rec, {"x1", "y1", "x2", "y2"})}
+        return _distinct({"x1": system + asks[:1], "y1": _response(_get(rec, "chosen"), "chosen"),
+                          "x2": system + asks[1:], "y2": _response(_get(rec, "rejected"), "rejected"),
+                          **_extras(rec, {"conversations", "chosen", "rejected"})})
+    return _distinct({"x1": _prompt(_get(rec, "x1"), "x1"), "y1": _response(_get(rec, "y1"), "y1"),
+                      "x2": _prompt(_get(rec, "x2"), "x2"), "y2": _response(_get(rec, "y2"), "y2"),
+                      **_extras(rec, {"x1", "y1", "x2", "y2"})})
+
+
+def _distinct(quad):
+    """An IOPO quadruple whose two prompts, or two answers, are the same teaches nothing: every term of the
+    loss compares a sequence with itself."""
+    if quad["x1"] == quad["x2"]:
+        raise _Bad("x1 and x2 are the same prompt")
+    if quad["y1"] == quad["y2"]:
+        raise _Bad("y1 and y2 are the same text")
+    return quad
 
 
 def normalize_trace(rec):
@@ -262,7 +279,7 @@ def _raw_records(path):
     A file whose first character is "[" is one JSON array (the sharegpt layout): it is parsed whole,
     element by element, so that each element still gets the line it starts on."""
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
+        head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte order mark may come first
         f.seek(0)
         if head[:1] != b"[":
             offset = 0
@@ -272,11 +289,11 @@ def _raw_records(path):
                     continue
                 try:
                     yield line, start, json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                except ValueError as e:  # bad UTF-8, bad JSON, an integer of more than 4,300 digits
                     yield line, start, _Bad(f"not valid JSON ({e})")
             return
         try:
-            text = f.read().decode("utf-8")
+            text = f.read().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
@@ -292,8 +309,8 @@ def _raw_records(path):
             return
         try:
             obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield line, None, _Fatal(f"not valid JSON ({e.msg}); the rest of the array cannot be read")
+        except ValueError as e:
+            yield line, None, _Fatal(f"not valid JSON ({getattr(e, 'msg', e)}); the rest of the array cannot be read")
             return
         yield line, None, obj
 
@@ -311,6 +328,8 @@ def _read(path, kind, skip_bad, stats, with_position=False):
         raise ValueError(f"kind should be one of {', '.join(KINDS)}, got {kind!r}")
     stats = stats if stats is not None else ReadStats()
     stats.path = str(path)
+    if not Path(path).is_file():  # records are read again by byte offset: a pipe or a folder will not do
+        raise DataError(f"{path}: not a file" if Path(path).exists() else f"{path}: file not found")
     for line, offset, raw in _raw_records(path):
         try:
             ex = _parse(kind, raw)
@@ -498,6 +517,11 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     that the same data gives the same tokens. For IOPO quadruples we use the longer prompt and the longer
     response of the four, so both prompts and both responses are cut to the same lengths. The authors'
     IOPO processor is not in the public release we could read; this is the pairwise rule extended."""
+    for text in [m["content"] for msgs in prompts for m in msgs] + list(responses):
+        for special in getattr(tok, "special_tokens", ()):
+            if special in text:
+                raise DataError(f"a message holds the text {special!r}, the tokenizer's special token: it would "
+                                f"be read as that control token (a turn boundary), not as text")
     p = [prompt_ids(tok, m) for m in prompts]
     texts = [rendered_response(tok, prompts[0], y) for y in responses]
     r = [response_ids(tok, y) for y in texts]
@@ -963,6 +987,8 @@ def main(argv=None, out=None):
                         "when --model is not given (default 2000)")
     args = parser.parse_args(argv)
     out = out or sys.stdout
+    if args.max_len is not None and args.max_len < 1:
+        raise SystemExit(f"data.py: --max-len must be at least 1, got {args.max_len}")
 
     kind = args.kind or sniff_kind(args.file)
     records = RecordFile(args.file, kind, args.skip_bad)
@@ -1002,5 +1028,5 @@ def main(argv=None, out=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, OSError, ValueError) as e:
         sys.exit(f"data.py: {e}")

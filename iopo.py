@@ -573,6 +573,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep the newest N checkpoints; older ones go once a new one is complete (0: all)
     resume: str = ""  # checkpoint (or output folder: its latest) to continue as saved; HOW_TO_RUN flags may change
     skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
+    overwrite: bool = False  # start over in an --out that holds an earlier run (its metrics and checkpoints go)
     toy_preset: str = "toy"  # model.PRESETS size for --model toy
     toy_vocab: int = 2048  # tokenizer vocabulary for --model toy
     log_every: int = 1  # print to the progress bar every N steps (metrics.jsonl gets every step)
@@ -1119,10 +1120,23 @@ def train(cfg, given=()):
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
                          + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
                             if resume_dir is not None and "fsdp" not in given else ""))
+    for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_len", 1), ("max_steps", 0)):
+        if getattr(cfg, key) < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
+    if cfg.epochs <= 0 or cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
+    if resume_dir is None and any(p.exists() for p in earlier):
+        if not cfg.overwrite:  # its checkpoints would stay, mixed with this run's files
+            raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
+                             f"--resume {out}, or start over with --overwrite, or choose another --out")
+        if is_main():
+            for p in earlier:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        barrier()
 
-    # Data first: a bad file fails here, before any weights are loaded.
+    # Data first: a bad file fails here, before any weights are loaded or anything is written.
     kind = cfg.method
     read_stats = ReadStats()
     records = RecordFile(cfg.data, kind, skip_bad=cfg.skip_bad, stats=read_stats)
@@ -1130,6 +1144,7 @@ def train(cfg, given=()):
         print(read_stats)
     if len(records) == 0:
         raise DataError(f"{cfg.data}: no usable {kind} examples")
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.model == "toy":
         if is_main():
             cfg.model = build_toy(cfg, records, kind)
@@ -1286,6 +1301,9 @@ def train(cfg, given=()):
                     shutil.rmtree(old)
             barrier()
     bar.close()
+    if is_main() and dataset.stats.truncated:  # LLaMA-Factory's rule cut them (data.py); data.py FILE lists them
+        print(f"{dataset.stats.truncated} of the {dataset.stats.examples} examples encoded"
+              f"{' by this process' if world > 1 else ''} were longer than --max-len {cfg.max_len} and were cut")
     final = out / "final"
     whole = whole_model(model, cfg, lora, load_dtype)  # under FSDP every process sends rank 0 its shards
     if is_main():
@@ -1342,7 +1360,7 @@ def toy_reproduction(tc):
           f"-> {root / 'data'}")
 
     common = dict(seed=tc.seed, grad_accum=1, warmup_ratio=0.1, max_len=512, toy_preset=tc.preset, toy_vocab=tc.vocab,
-                  log_every=10)
+                  log_every=10, overwrite=True)  # each toy run regenerates its whole folder
     sft = train(TrainConfig(method="sft", model="toy", data=str(files["sft"]), out=str(root / "sft"), lr=tc.sft_lr,
                             max_steps=tc.sft_steps, batch_size=tc.sft_batch, weight_decay=0.1, **common))
     print(f"[{time.time() - t0:5.0f}s] SFT done -> {sft}")
@@ -1414,7 +1432,7 @@ def main(argv=None):
         else:  # the flags on the command line, for --resume: they may change how the saved run continues
             given = (set(vars(_parser(given_only=True).parse_args(argv))) - {"command"}) | {"method"}
             print(f"final model: {train(TrainConfig(method=command, **args), given)}")
-    except (TrainingStopped, DataError, FileNotFoundError, ValueError) as e:
+    except (TrainingStopped, DataError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     finally:
         if dist.is_initialized():

@@ -769,6 +769,10 @@ class Tokenizer:
             self.eos_token_id = self.end_of_turn_id
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
+        # Special tokens (turn markers, end of text): a message's text that spells one would be read as that
+        # control token, not as text (data.py refuses such training data)
+        self.special_tokens = sorted(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                                     if t.special)
         # Generation stops at the end of a turn as well as at every eos the configs name
         self.eos_token_ids = list(dict.fromkeys(
             i for i in [self.eos_token_id, *gen_eos, self.end_of_turn_id] if i is not None))

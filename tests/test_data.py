@@ -136,6 +136,13 @@ BAD_LINES = [
      '"conversations" should hold two human turns (x1 and x2), holds user'),
     ("iopo", {"conversations": [{"from": "bot", "value": "A"}], "chosen": "a", "rejected": "b"},
      '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system'),
+    ("iopo", {"conversations": [{"from": ["human"], "value": "A"}], "chosen": "a", "rejected": "b"},
+     '"conversations"[0]["from"] is ["human"]; expected one of human, gpt, system'),
+    ("dpo", {"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}, '"chosen" and "rejected" are the same text'),
+    ("iopo", {"x1": "A", "y1": "a", "x2": "A", "y2": "b"}, "x1 and x2 are the same prompt"),
+    ("iopo", {"x1": "A", "y1": "a", "x2": "B", "y2": "a"}, "y1 and y2 are the same text"),
+    ("sft", '{"prompt": "Hi", "response": "\\ud800"}', '"response" is not valid Unicode text (surrogates not allowed'),
+    ("sft", '{"prompt": "Hi", "response": "Yo", "n": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit"),
 ]
 
 
@@ -185,6 +192,16 @@ def test_broken_json_array_is_fatal_even_when_skipping(tmp_path):
     path.write_text('[\n{"x1": "A", "y1": "a", "x2": "B", "y2": "b"},\n{"x1": "A" "y1"}\n]')
     with pytest.raises(D.DataError, match=r"a.json:3: not valid JSON .*the rest of the array cannot be read"):
         list(D.read_iopo(path, skip_bad=True))
+
+
+def test_byte_order_mark_and_folders(tmp_path):
+    """A JSON array file that starts with a UTF-8 byte order mark reads; a folder given as data is refused."""
+    items = json.loads((FIXTURES / "iopo_sharegpt.json").read_text())
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    assert len(list(D.read_iopo(path))) == len(items)
+    with pytest.raises(D.DataError, match=f"{tmp_path}: not a file"):
+        list(D.read_iopo(tmp_path))
 
 
 def test_sniff_kind(tmp_path):
@@ -420,6 +437,17 @@ def test_dataset_error_names_the_line(tmp_path, tok):
     path = write(tmp_path, "s.jsonl", [GOOD["sft"], GOOD["sft"]])
     ds = D.EncodedDataset(D.RecordFile(path, "sft"), "sft", NoEndOfTurn(tok))
     with pytest.raises(D.DataError, match=r"s.jsonl:2: the chat template"):
+        ds[1]
+
+
+def test_special_token_text_is_refused(tmp_path, tok):
+    """A message that spells a special token ("<|im_end|>" inside an answer) is an error naming its line: the
+    tokenizer would read it as the end of the turn."""
+    path = write(tmp_path, "s.jsonl", [GOOD["sft"], {"prompt": "Hi", "response": "x<|im_end|>y"}])
+    ds = D.EncodedDataset(D.RecordFile(path, "sft"), "sft", tok)
+    assert "<|im_end|>" in tok.special_tokens, tok.special_tokens
+    ds[0]
+    with pytest.raises(D.DataError, match=r"s.jsonl:2: a message holds the text '<\|im_end\|>'"):
         ds[1]
 
 

@@ -139,6 +139,42 @@ def test_keep_checkpoints_deletes_only_older_ones(toy_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [], "no temporary left"
 
 
+def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
+    """A second run into an --out that holds a run (metrics, checkpoints) stops and says how to go on;
+    --overwrite starts over and removes the old checkpoints, which no longer match."""
+    folder, paths, base = toy_dir
+    iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=3, save_every=1))
+    with pytest.raises(ValueError, match="holds an earlier run .* --resume .* --overwrite"):
+        iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1))
+    assert len(iopo.checkpoints(tmp_path / "run")) == 2, "a refused run must not touch the old one"
+    iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1, overwrite=True))
+    assert iopo.checkpoints(tmp_path / "run") == [] and len(losses(tmp_path / "run")) == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--max-len", "0"], "--max-len must be at least 1, got 0"),
+    (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
+    (["--dtype", "float16"], "--dtype float32 or bfloat16"),
+])
+def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
+    """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
+    folder, paths, base = toy_dir
+    with pytest.raises(SystemExit, match=message):
+        iopo.main(["sft", "--model", str(base), "--data", str(paths["sft"]), "--out", str(tmp_path / "o"), *flags])
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_data_leaves_no_out_folder(toy_dir, tmp_path):
+    """A data file that cannot be used stops the run before --out is created; a folder as --data is named."""
+    folder, paths, base = toy_dir
+    (tmp_path / "empty.jsonl").write_text("")
+    for data, message in ((tmp_path / "empty.jsonl", "no usable sft examples"), (tmp_path, "not a file")):
+        with pytest.raises(SystemExit, match=message):
+            iopo.main(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")])
+        assert not (tmp_path / "o").exists()
+
+
 def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
     """On --resume the command line may change how the run executes (--grad-checkpointing here), not what it
     computes: another --lr or method stops with a message naming both values; the same values are fine."""
