@@ -39,12 +39,17 @@ import trace_gen
 # Small file helpers
 
 
-def read_jsonl(path):
-    """Read a JSONL file into a list of dicts; a bad line stops the command with its file and line."""
+def read_numbered(path):
+    """(line number, dict) for each record of a JSONL file; a bad line stops the command with its file and line."""
     try:
-        return [rec for _, rec in trace_gen.read_jsonl(path)]
+        return list(trace_gen.read_jsonl(path))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def read_jsonl(path):
+    """Read a JSONL file into a list of dicts; a bad line stops the command with its file and line."""
+    return [rec for _, rec in read_numbered(path)]
 
 
 def write_atomic(path, text):
@@ -54,12 +59,16 @@ def write_atomic(path, text):
     M.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def jsonl_text(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def json_text(obj):
+    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+
+
 def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(path, jsonl_text(rows))
 
 
 # -----------------------------------------------------------------------------
@@ -581,8 +590,10 @@ def check_instruction(instruction_id, kwargs, response, loose=False):
     candidates = loose_variants(response) if loose else [response]
     try:
         return any(c.strip() and check(c, **kwargs) for c in candidates)
-    except TypeError as e:
+    except (TypeError, re.error) as e:  # a missing or mistyped argument, a keyword that is not a valid pattern
         raise ValueError(f"{instruction_id}: bad arguments {sorted(kwargs)} ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{instruction_id}: {e}") from None
 
 
 def score_ifeval(inputs, responses):
@@ -592,19 +603,24 @@ def score_ifeval(inputs, responses):
     """
     rows = {"strict": [], "loose": []}
     missing = []
-    for inp in inputs:
-        for field in ("prompt", "instruction_id_list", "kwargs"):
-            if field not in inp:
-                raise ValueError(f"IFEval input {inp.get('key', '?')} has no {field!r} field")
+    for n, inp in enumerate(inputs):
+        name = f"IFEval input with key {inp['key']}" if "key" in inp else f"IFEval input #{n + 1} (no key)"
+        for field, kind in (("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
+            if not isinstance(inp.get(field), kind):
+                raise ValueError(f"{name}: {field!r} must be a {kind.__name__}, got {inp.get(field)!r:.80}")
+        if not all(isinstance(kw, dict) for kw in inp["kwargs"]):
+            raise ValueError(f"{name}: 'kwargs' must hold one object per instruction, got {inp['kwargs']!r:.80}")
         if len(inp["kwargs"]) != len(inp["instruction_id_list"]):
-            raise ValueError(f"IFEval input {inp.get('key', '?')}: {len(inp['instruction_id_list'])} instructions "
-                             f"but {len(inp['kwargs'])} kwargs")
+            raise ValueError(f"{name}: {len(inp['instruction_id_list'])} instructions but {len(inp['kwargs'])} kwargs")
         response = responses.get(inp["prompt"])
         if response is None:
             missing.append(inp.get("key", inp["prompt"][:60]))
         for mode in ("strict", "loose"):
-            verdicts = [response is not None and check_instruction(i, kw, response, loose=mode == "loose")
-                        for i, kw in zip(inp["instruction_id_list"], inp["kwargs"])]
+            try:
+                verdicts = [response is not None and check_instruction(i, kw, response, loose=mode == "loose")
+                            for i, kw in zip(inp["instruction_id_list"], inp["kwargs"])]
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             rows[mode].append({"instruction_id_list": inp["instruction_id_list"], "prompt": inp["prompt"],
                                "response": response if response is not None else "",
                                "follow_all_instructions": all(verdicts), "follow_instruction_list": verdicts})
@@ -612,8 +628,9 @@ def score_ifeval(inputs, responses):
               "missing_responses": len(missing), "missing_keys": missing[:20]}
     for mode in ("strict", "loose"):
         verdicts = [v for r in rows[mode] for v in r["follow_instruction_list"]]
-        report[f"prompt_level_{mode}"] = sum(r["follow_all_instructions"] for r in rows[mode]) / max(len(inputs), 1)
-        report[f"instruction_level_{mode}"] = sum(verdicts) / max(len(verdicts), 1)
+        prompts = [r["follow_all_instructions"] for r in rows[mode]]
+        report[f"prompt_level_{mode}"] = sum(prompts) / len(prompts) if prompts else None  # no prompts, no score
+        report[f"instruction_level_{mode}"] = sum(verdicts) / len(verdicts) if verdicts else None
         per_type = collections.defaultdict(list)
         for r in rows[mode]:
             for i, v in zip(r["instruction_id_list"], r["follow_instruction_list"]):
@@ -624,6 +641,11 @@ def score_ifeval(inputs, responses):
 
 # -----------------------------------------------------------------------------
 # TRACE: per-constraint verdicts from trace_gen's checkers, IF-S / IF-M, and CFBench's CSR / ISR / PSR
+
+
+def _share(flags):
+    """Mean of 0/1 (or fractional) scores in percent; None for an empty set, which has no score."""
+    return 100 * sum(flags) / len(flags) if flags else None
 
 
 def cfbench_scores(verdict_lists, priority_lists):
@@ -656,8 +678,7 @@ def cfbench_scores(verdict_lists, priority_lists):
         csr.append(csr_i)
         isr.append(float(csr_i == 1.0))
         psr.append(psr_i)
-    n = max(len(csr), 1)
-    return {"CSR": 100 * sum(csr) / n, "ISR": 100 * sum(isr) / n, "PSR": 100 * sum(psr) / n, "n_items": len(csr)}
+    return {"CSR": _share(csr), "ISR": _share(isr), "PSR": _share(psr), "n_items": len(csr)}  # None when no items
 
 
 def item_key(item, n):
@@ -686,6 +707,9 @@ def judge_trace(items, responses):
             if not isinstance(spec, dict) or not {"dimension", "type", "family", "params"} <= spec.keys():
                 raise ValueError(f"item {item_id}, constraint {j + 1}: a spec needs dimension, type, family and "
                                  f"params, got {spec!r:.200}")
+            if spec.get("priority", "primary") not in ("primary", "secondary"):
+                raise ValueError(f"item {item_id}, constraint {j + 1}: priority must be 'primary' or 'secondary', "
+                                 f"got {spec['priority']!r}")
             try:
                 verdicts.append(response is not None and trace_gen.check(spec, response))
             except ValueError as e:
@@ -697,10 +721,6 @@ def judge_trace(items, responses):
                      "missing": response is None, "empty": response is not None and not response.strip(),
                      "response": response if response is not None else ""})
     return rows
-
-
-def _share(flags):
-    return 100 * sum(flags) / len(flags) if flags else None
 
 
 def trace_report(rows):
@@ -792,14 +812,48 @@ def _load_for_generation(args):
 # Command line
 
 
+def _read_records(path, what):
+    """(line number, record) pairs of a JSONL file that must hold at least one record."""
+    numbered = read_numbered(path)
+    if not numbered:
+        raise SystemExit(f"error: {path} holds no {what}")
+    return numbered
+
+
+def _no_duplicates(path, what, numbered_keys):
+    """Stop at the first key seen twice, naming both lines: a duplicate would silently shadow the other."""
+    first = {}
+    for lineno, key in numbered_keys:
+        if key in first:
+            raise SystemExit(f"error: {path}:{lineno}: duplicate {what} {key!r:.80} (first on line {first[key]})")
+        first[key] = lineno
+
+
 def _read_responses(path, key):
-    """key -> response from a JSONL file of {key, "response"} rows (duplicates: the first one wins)."""
-    out = {}
-    for n, row in enumerate(read_jsonl(path), 1):
+    """key -> response from a JSONL file of {key, "response"} rows, each key at most once."""
+    numbered = _read_records(path, "responses")
+    for lineno, row in numbered:
         if key not in row or not isinstance(row.get("response"), str):
-            raise SystemExit(f"error: {path}: row {n} needs {key!r} and a string 'response' (got keys {sorted(row)})")
-        out.setdefault(str(row[key]) if key == "id" else row[key], row["response"])
-    return out
+            raise SystemExit(f"error: {path}:{lineno}: needs {key!r} and a string 'response' (got keys {sorted(row)})")
+        if not isinstance(row[key], (str, int) if key == "id" else str):
+            kind = "a string or integer" if key == "id" else "a string"
+            raise SystemExit(f"error: {path}:{lineno}: {key!r} must be {kind}, got {row[key]!r:.80}")
+    keys = [(lineno, str(row[key]) if key == "id" else row[key]) for lineno, row in numbered]
+    _no_duplicates(path, key, keys)
+    return {k: row["response"] for (_, k), (_, row) in zip(keys, numbered)}
+
+
+def _out_folder(path):
+    """The output folder; a file at its path is refused before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"error: --out {path} is a file, expected a folder")
+    return path
+
+
+def write_outputs(out_dir, files):
+    """Write {name: text} into out_dir all or nothing: staged beside it, moved in once complete (write_folder)."""
+    trace_gen.write_folder(out_dir, {name: [text] for name, text in files.items()})
 
 
 def _label(args):
@@ -813,73 +867,110 @@ def _label(args):
     return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
+def _judge_or_exit(path, items, responses):
+    """(rows, report) of judge_trace and trace_report; a malformed item stops the command naming the file."""
+    try:
+        rows = judge_trace(items, responses)
+        return rows, trace_report(rows)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+
+
 def cmd_trace(args):
-    items = read_jsonl(args.data)
-    out = Path(args.out or Path("runs") / "eval" / f"trace-{_label(args)}")
+    numbered = _read_records(args.data, "items")
+    items = [item for _, item in numbered]
+    _no_duplicates(args.data, "item id", [(lineno, item_key(item, n)) for n, (lineno, item) in enumerate(numbered)])
+    out = _out_folder(args.out or Path("runs") / "eval" / f"trace-{_label(args)}")
+    files = {}
     if args.model:
+        _judge_or_exit(args.data, items, ["x"] * len(items))  # every spec checked before the slow generation
         model, tok = _load_for_generation(args)
         answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
                                      args.top_p, args.seed)
         responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
-        write_jsonl(out / "responses.jsonl", [{"id": k, "response": v} for k, v in responses.items()])
+        files["responses.jsonl"] = jsonl_text({"id": k, "response": v} for k, v in responses.items())
     else:
         responses = _read_responses(args.responses, "id")
-        unknown = set(responses) - {item_key(item, n) for n, item in enumerate(items)}
+        ids = [item_key(item, n) for n, item in enumerate(items)]
+        unknown = set(responses) - set(ids)
+        if len(unknown) == len(responses):
+            raise SystemExit(f"error: no response in {args.responses} matches an item id in {args.data} "
+                             f"(response ids e.g. {sorted(unknown)[:3]}, item ids e.g. {ids[:3]})")
         if unknown:
             print(f"warning: {len(unknown)} responses match no item id in {args.data} (e.g. {sorted(unknown)[:3]})")
-    try:
-        rows = judge_trace(items, responses)
-    except ValueError as e:
-        raise SystemExit(f"error: {args.data}: {e}")
-    report = trace_report(rows)
+    rows, report = _judge_or_exit(args.data, items, responses)
     report.update(benchmark="trace", label=_label(args), data=str(args.data))
-    write_jsonl(out / "results.jsonl", rows)
-    write_json(out / "report.json", report)
     table = trace_markdown(report)
-    write_atomic(out / "report.md", table)
+    files.update({"results.jsonl": jsonl_text(rows), "report.json": json_text(report), "report.md": table})
+    write_outputs(out, files)
     print(table)
     if report["missing_responses"]:
         print(f"warning: {report['missing_responses']} items had no response (counted as failures), e.g. "
               f"{report['missing_ids'][:5]}")
-    print(f"wrote {out}/results.jsonl, report.json, report.md")
+    print(f"wrote {out}/" + ", ".join(files))
+
+
+def _score_or_exit(path, inputs, responses):
+    """score_ifeval's (strict, loose, report); a malformed input stops the command naming the file and key."""
+    try:
+        return score_ifeval(inputs, responses)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+
+
+def _percent(x):
+    return None if x is None else 100 * x
 
 
 def cmd_ifeval(args):
-    inputs = read_jsonl(args.input)
-    out = Path(args.out)
+    numbered = _read_records(args.input, "prompts")
+    inputs = [inp for _, inp in numbered]
+    # the official reader keys inputs and answers by prompt (the last duplicate wins): refuse duplicates instead
+    keys = [(n, inp["key"]) for n, inp in numbered if isinstance(inp.get("key"), (str, int))]
+    _no_duplicates(args.input, "key", keys)
+    prompts = [(n, inp["prompt"]) for n, inp in numbered if isinstance(inp.get("prompt"), str)]
+    _no_duplicates(args.input, "prompt", prompts)
+    out = _out_folder(args.out)
+    files = {}
     if args.model:
+        _score_or_exit(args.input, inputs, {p: "x" for _, p in prompts})  # every kwarg checked before generation
         model, tok = _load_for_generation(args)
         answers = generate_responses(model, tok, inputs, args.max_new_tokens, args.batch_size, args.temperature,
                                      args.top_p, args.seed)
         responses = {inp["prompt"]: a for inp, a in zip(inputs, answers)}
-        write_jsonl(out / "input_response_data.jsonl", [{"prompt": p, "response": r} for p, r in responses.items()])
+        files["input_response_data.jsonl"] = jsonl_text({"prompt": p, "response": r} for p, r in responses.items())
     else:
         responses = _read_responses(args.responses, "prompt")
-    try:
-        strict, loose, report = score_ifeval(inputs, responses)
-    except ValueError as e:
-        raise SystemExit(f"error: {args.input}: {e}")
-    report["metrics"] = {"S-Acc": 100 * report["prompt_level_strict"], "L-Acc": 100 * report["prompt_level_loose"],
-                         "I-Acc strict": 100 * report["instruction_level_strict"],
-                         "I-Acc loose": 100 * report["instruction_level_loose"]}
+        unknown = sorted(set(responses) - {p for _, p in prompts})
+        if len(unknown) == len(responses):
+            raise SystemExit(f"error: no response in {args.responses} matches a prompt in {args.input} "
+                             f"(e.g. {unknown[0][:60]!r})")
+        if unknown:
+            print(f"warning: {len(unknown)} responses match no prompt in {args.input} (e.g. {unknown[0][:60]!r})")
+    strict, loose, report = _score_or_exit(args.input, inputs, responses)
+    report["metrics"] = {"S-Acc": _percent(report["prompt_level_strict"]),
+                         "L-Acc": _percent(report["prompt_level_loose"]),
+                         "I-Acc strict": _percent(report["instruction_level_strict"]),
+                         "I-Acc loose": _percent(report["instruction_level_loose"])}
     report.update(benchmark="ifeval", label=_label(args), input=str(args.input))
-    write_jsonl(out / "eval_results_strict.jsonl", strict)
-    write_jsonl(out / "eval_results_loose.jsonl", loose)
-    write_json(out / "report.json", report)
+    files.update({"eval_results_strict.jsonl": jsonl_text(strict), "eval_results_loose.jsonl": jsonl_text(loose),
+                  "report.json": json_text(report)})
+    write_outputs(out, files)
     for mode in ("strict", "loose"):
-        print(f"prompt-level {mode}: {report[f'prompt_level_{mode}']:.4f}   "
-              f"instruction-level {mode}: {report[f'instruction_level_{mode}']:.4f}")
+        p, i = report[f"prompt_level_{mode}"], report[f"instruction_level_{mode}"]
+        print(f"prompt-level {mode}: {p:.4f}   instruction-level {mode}: " + ("n/a" if i is None else f"{i:.4f}"))
     if report["missing_responses"]:
         print(f"warning: {report['missing_responses']} prompts had no response (counted as failures), e.g. keys "
               f"{report['missing_keys'][:5]}")
-    print(f"wrote {out}/eval_results_strict.jsonl, eval_results_loose.jsonl, report.json")
+    print(f"wrote {out}/" + ", ".join(files))
 
 
 TABLE3 = ("IF-S", "IF-M", "S-Acc", "L-Acc", "CSR", "ISR", "PSR")
 
 
 def compare_table(reports):
-    """Markdown table in the layout of the paper's Table 3; reports with the same label share one row."""
+    """Markdown table in the layout of the paper's Table 3; reports with the same label (one TRACE, one IFEval)
+    share one row."""
     rows = {}
     for report in reports:
         rows.setdefault(report.get("label", "?"), {}).update(report.get("metrics", {}))
@@ -890,9 +981,9 @@ def compare_table(reports):
 
 
 def cmd_compare(args):
-    reports = []
-    for path in args.reports:
-        path = Path(path)
+    reports, seen = [], {}
+    for arg in args.reports:
+        path = Path(arg)
         path = path / "report.json" if path.is_dir() else path
         if not path.is_file():
             raise SystemExit(f"error: {path} does not exist")
@@ -902,6 +993,12 @@ def cmd_compare(args):
             raise SystemExit(f"error: {path} is not valid JSON ({e.msg})")
         if not isinstance(report, dict) or "metrics" not in report:
             raise SystemExit(f"error: {path} is not a report written by eval.py (no 'metrics')")
+        # two runs of one benchmark under one label (say two responses.jsonl) would silently share a row
+        key = (str(report.get("label", "?")), str(report.get("benchmark", "")))
+        if key in seen:
+            raise SystemExit(f"error: {seen[key]} and {arg} are both {key[1] or 'reports'} runs labelled {key[0]!r}; "
+                             f"score them again with different --label values")
+        seen[key] = arg
         reports.append(report)
     print(compare_table(reports), end="")
 
@@ -914,7 +1011,8 @@ def build_parser():
         src = sp.add_mutually_exclusive_group(required=True)
         src.add_argument("--responses", help="JSONL of answers to score (TRACE: {id, response}; IFEval: {prompt, response})")
         src.add_argument("--model", help="checkpoint folder (model.py format) to generate the answers with first")
-        sp.add_argument("--label", help="name of this run in reports and `compare` (default: model folder or file name)")
+        sp.add_argument("--label", help="name of this run in reports and `compare`, unique per benchmark "
+                        "(default: model folder or responses file name)")
         sp.add_argument("--max-new-tokens", type=int, default=512, help="token budget per answer (default 512)")
         sp.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -943,7 +1041,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (OSError, ValueError) as e:  # a folder in the way, a full disk, a bad checkpoint: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -61,9 +61,11 @@ import functools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 import random
 
 from tqdm import tqdm
@@ -1321,6 +1323,22 @@ PRIMARY_TYPES = {"Content", "Situation", "Format"}
 # Checking API (used by eval.py)
 
 
+# params field -> the type every family's checker expects for it (any other field holds a string); a string
+# where a list belongs would otherwise be read one character at a time
+PARAM_KINDS = {"words": "a non-empty list of strings", "keywords": "a non-empty list of strings",
+               "secrets": "a non-empty list of strings", "steps": "a non-empty list of strings",
+               "options": "a non-empty list of strings", "labels": "a non-empty list of strings",
+               "k": "an integer", "n": "an integer", "lo": "an integer", "hi": "an integer", "max_len": "an integer"}
+
+
+def _has_kind(value, kind):
+    if kind == "a non-empty list of strings":
+        return isinstance(value, list) and value != [] and all(isinstance(v, str) for v in value)
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
 def _family(spec):
     try:
         fam = FAMILIES[spec["family"]]
@@ -1332,6 +1350,9 @@ def _family(spec):
     for f in fam.fields:
         if f not in params:
             raise ValueError(f"family {fam.name}: params lack field {f!r} (needs {list(fam.fields)})")
+        kind = PARAM_KINDS.get(f, "a string")
+        if not _has_kind(params[f], kind):
+            raise ValueError(f"family {fam.name}: params field {f!r} must be {kind}, got {params[f]!r:.80}")
     return fam
 
 
@@ -1582,13 +1603,16 @@ def c_counts(table, n, max_c=None):
 
 def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, toy=False, progress=True):
     """Synthetic TRACE in memory: {"sft", "dpo", "iopo", "eval", "stats"} (records as written to files)."""
-    t0 = time.time()
+    if n_train < 0 or n_eval < 0:
+        raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
+    if max_constraints is not None and max_constraints < 1:
+        raise ValueError(f"max_constraints must be >= 1, got {max_constraints}")
     rng = random.Random(seed)
     families = list(families or (TOY_FAMILIES if toy else FAMILIES))
     for f in families:
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r} in families=; known: {', '.join(sorted(FAMILIES))}")
-    max_c = max_constraints or (3 if toy else 15)
+    max_c = max_constraints if max_constraints is not None else (3 if toy else 15)
     # an instruction cannot hold more constraints than there are distinct slots among the chosen families
     max_c = min(max_c, len({FAMILIES[f].slot for f in families}))
     sampler = Sampler(families, toy)
@@ -1637,7 +1661,7 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
              "train": summarize([[s["dimension"] for s in r["checks"]] for r in out["sft"]]),
              "eval": summarize([r["levels2"] for r in out["eval"]]),
              "qc_rejected": dict(sampler.rejected.most_common()), "qc_rejected_total": sum(sampler.rejected.values()),
-             "generation_failures": dict(failures), "iopo_ops": dict(ops), "seconds": round(time.time() - t0, 2)}
+             "generation_failures": dict(failures), "iopo_ops": dict(ops)}  # no timings: same seed, same bytes
     out["stats"] = stats
     return out
 
@@ -1684,6 +1708,8 @@ def summarize(label_lists):
 
 def read_jsonl(path):
     """(line number, object) for each non-blank line of a JSONL file; a bad line is a ValueError naming file:line."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, expected a JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -1693,38 +1719,75 @@ def read_jsonl(path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); expected JSONL, "
+                                 f"one JSON object per line") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno} should hold a JSON object, got {type(rec).__name__}")
+                raise ValueError(f"{path}:{lineno} should hold a JSON object, got {type(rec).__name__} "
+                                 f"(JSONL: one object per line)")
             yield lineno, rec
+
+
+def _dimensions(rec, where):
+    """The dimension labels of one record: its levels2, else the dimensions of its checks / checks_x1."""
+    if "levels2" in rec:
+        levels = rec["levels2"]
+        if not isinstance(levels, list) or not all(isinstance(x, str) for x in levels):
+            raise ValueError(f"{where}: 'levels2' must be a list of strings, got {levels!r:.80}")
+        return levels
+    field = "checks" if "checks" in rec else "checks_x1" if "checks_x1" in rec else None
+    if field is None:
+        raise ValueError(f"{where}: expected a 'levels2', 'checks' or 'checks_x1' field")
+    if not isinstance(rec[field], list):
+        raise ValueError(f"{where}: {field!r} must be a list of specs, got {rec[field]!r:.80}")
+    for j, spec in enumerate(rec[field]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("dimension"), str):
+            raise ValueError(f"{where}: {field}[{j}] needs a string 'dimension', got {spec!r:.80}")
+    return [spec["dimension"] for spec in rec[field]]
 
 
 def file_stats(path):
     """summarize() over a TRACE-format jsonl: levels2 labels, else the dimensions of checks / checks_x1."""
-    labels = []
-    for lineno, rec in read_jsonl(path):
-        if "levels2" in rec:
-            labels.append(list(rec["levels2"]))
-        elif "checks" in rec or "checks_x1" in rec:
-            labels.append([c["dimension"] for c in rec.get("checks", rec.get("checks_x1"))])
-        else:
-            raise ValueError(f"{path}:{lineno}: expected a 'levels2', 'checks' or 'checks_x1' field")
+    labels = [_dimensions(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
+    if not labels:
+        raise ValueError(f"{path} holds no records")
     return summarize(labels)
 
 
-def _atomic_write(path, lines):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+def write_folder(out_dir, files):
+    """Write files {name: iterable of text chunks} into out_dir all or nothing (other files there are left alone).
+
+    Everything is written into a staging folder beside out_dir first; only when every file is complete are
+    they moved in, by renames alone, so a failure midway (a full disk, an unserialisable record) leaves
+    out_dir as it was and no staging folder behind.
+    """
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, expected an output folder")
+    for name in files:
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"{out / name} is a folder, in the way of the output file {name}")
+    stage = out.with_name(f".{out.name}.writing{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir(parents=True)
+        for name, chunks in files.items():
+            with open(stage / name, "w", encoding="utf-8") as f:
+                f.writelines(chunks)
+        out.mkdir(exist_ok=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for name in files:
+        os.replace(stage / name, out / name)
+    stage.rmdir()
 
 
 def write_outputs(data, out_dir):
-    """sft.jsonl, dpo.jsonl, iopo.jsonl, eval.jsonl and stats.json in out_dir, each written atomically."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name in ("sft", "dpo", "iopo", "eval"):
-        _atomic_write(os.path.join(out_dir, f"{name}.jsonl"), (json.dumps(r, ensure_ascii=False) + "\n" for r in data[name]))
-    _atomic_write(os.path.join(out_dir, "stats.json"), [json.dumps(data["stats"], indent=1, ensure_ascii=False) + "\n"])
+    """sft.jsonl, dpo.jsonl, iopo.jsonl, eval.jsonl and stats.json in out_dir, all or nothing (write_folder)."""
+    files = {f"{name}.jsonl": (json.dumps(r, ensure_ascii=False) + "\n" for r in data[name])
+             for name in ("sft", "dpo", "iopo", "eval")}
+    files["stats.json"] = [json.dumps(data["stats"], indent=1, ensure_ascii=False) + "\n"]
+    write_folder(out_dir, files)
 
 
 def print_stats(s):
@@ -1751,19 +1814,30 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="with --stats: print one JSON object")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
-    if args.stats:
-        s = file_stats(args.stats)
-        print(json.dumps(s, ensure_ascii=False)) if args.json else print_stats(s)
-        return
-    if not args.out:
+    if not args.stats and not args.out:
         ap.error("--out is required unless --stats is given")
-    families = args.families.split(",") if args.families else None
-    data = generate_data(args.n_train, args.n_eval, args.seed, families, args.max_constraints, args.toy, not args.no_progress)
-    write_outputs(data, args.out)
+    for flag, value, least in (("--n-train", args.n_train, 0), ("--n-eval", args.n_eval, 0),
+                               ("--max-constraints", args.max_constraints, 1)):
+        if value is not None and value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
+    try:
+        if args.stats:
+            s = file_stats(args.stats)
+            print(json.dumps(s, ensure_ascii=False)) if args.json else print_stats(s)
+            return
+        if os.path.exists(args.out) and not os.path.isdir(args.out):  # found before the work, not after it
+            raise NotADirectoryError(f"--out {args.out} is a file, expected a folder")
+        start = time.perf_counter()
+        families = args.families.split(",") if args.families else None
+        data = generate_data(args.n_train, args.n_eval, args.seed, families, args.max_constraints, args.toy,
+                             not args.no_progress)
+        write_outputs(data, args.out)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     st = data["stats"]
     print(f"wrote {args.out}: {len(data['sft'])} train (mean C {st['train']['mean_constraints']}), "
           f"{len(data['eval'])} eval (mean C {st['eval']['mean_constraints']}), "
-          f"{st['qc_rejected_total']} QC rejections, {st['seconds']} s", file=sys.stderr)
+          f"{st['qc_rejected_total']} QC rejections, {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -396,3 +396,107 @@ def test_default_labels_name_the_run_not_its_final_folder(tmp_path):
     assert label(tmp_path / "iopo" / "checkpoint-40") == "iopo/checkpoint-40"
     assert label(tmp_path / "Qwen2-7B-Instruct") == "Qwen2-7B-Instruct"
     assert E._label(Namespace(label=None, model=None, responses="runs/gpt4.jsonl")) == "gpt4"
+
+
+def _trace_files(tmp_path, toy_trace, n=4):
+    """An eval.jsonl of n toy items and a responses file holding their references."""
+    data, responses = tmp_path / "eval.jsonl", tmp_path / "refs.jsonl"
+    E.write_jsonl(data, toy_trace["eval"][:n])
+    E.write_jsonl(responses, [{"id": it["id"], "response": it["reference"]} for it in toy_trace["eval"][:n]])
+    return data, responses
+
+
+def test_compare_refuses_two_runs_with_one_label(tmp_path, toy_trace, capsys):
+    """Two trace runs both labelled 'responses' (A/ and B/responses.jsonl) are an error naming both, not one row."""
+    data, refs = _trace_files(tmp_path, toy_trace)
+    for run in ("A", "B"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "responses.jsonl").write_bytes(refs.read_bytes())
+        E.main(["trace", "--data", str(data), "--responses", str(tmp_path / run / "responses.jsonl"),
+                "--out", str(tmp_path / f"out{run}")])
+    with pytest.raises(SystemExit, match=r"outA and .*outB are both trace runs labelled 'responses'.*--label"):
+        E.main(["compare", str(tmp_path / "outA"), str(tmp_path / "outB")])
+
+
+def test_no_matching_or_empty_input_is_an_error(tmp_path, toy_trace):
+    """Responses that match no item or prompt, and empty files, stop the command; empty sets score None, not 0."""
+    data, _ = _trace_files(tmp_path, toy_trace)
+    stray, empty = tmp_path / "stray.jsonl", tmp_path / "empty.jsonl"
+    E.write_jsonl(stray, [{"id": "x9", "response": "hi"}])
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match=r"no response in .*stray.jsonl matches an item id in .*eval.jsonl"):
+        E.main(["trace", "--data", str(data), "--responses", str(stray), "--out", str(tmp_path / "o1")])
+    with pytest.raises(SystemExit, match=r"empty.jsonl holds no items"):
+        E.main(["trace", "--data", str(empty), "--responses", str(stray), "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match=r"empty.jsonl holds no responses"):
+        E.main(["trace", "--data", str(data), "--responses", str(empty), "--out", str(tmp_path / "o3")])
+    stray.write_text(json.dumps({"prompt": "Not asked.", "response": "hi"}) + "\n")
+    with pytest.raises(SystemExit, match=r"no response in .*stray.jsonl matches a prompt in .*ifeval_mini.jsonl"):
+        E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--responses", str(stray),
+                "--out", str(tmp_path / "o4")])
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5)), sorted(p.name for p in tmp_path.iterdir())
+    cf = E.cfbench_scores([], [])
+    assert (cf["CSR"], cf["ISR"], cf["PSR"]) == (None, None, None), cf
+    _, _, report = E.score_ifeval([], {})
+    assert report["prompt_level_strict"] is None and report["instruction_level_loose"] is None, report
+
+
+def test_duplicates_are_errors_naming_both_lines(tmp_path, toy_trace):
+    """A response id, an item id or an IFEval prompt given twice is an error with file:line, not a silent pick."""
+    data, refs = _trace_files(tmp_path, toy_trace)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(refs.read_text() + json.dumps({"id": "0", "response": "again"}) + "\n")
+    with pytest.raises(SystemExit, match=r"dup.jsonl:5: duplicate id '0' \(first on line 1\)"):
+        E.main(["trace", "--data", str(data), "--responses", str(dup), "--out", str(tmp_path / "o")])
+    items = tmp_path / "items.jsonl"
+    E.write_jsonl(items, [toy_trace["eval"][0], toy_trace["eval"][0]])
+    with pytest.raises(SystemExit, match=r"items.jsonl:2: duplicate item id '0' \(first on line 1\)"):
+        E.main(["trace", "--data", str(items), "--responses", str(refs), "--out", str(tmp_path / "o")])
+    inputs = E.read_jsonl(FIXTURES / "ifeval_mini.jsonl")
+    twice = tmp_path / "twice.jsonl"
+    E.write_jsonl(twice, inputs + [dict(inputs[1], key=99)])
+    with pytest.raises(SystemExit, match=r"twice.jsonl:5: duplicate prompt 'Answer in all lowercase.*first on line 2"):
+        E.main(["ifeval", "--input", str(twice), "--responses", str(FIXTURES / "ifeval_mini_responses.jsonl"),
+                "--out", str(tmp_path / "o")])
+
+
+def test_cli_errors_name_item_key_line_and_out(tmp_path, toy_trace):
+    """A mis-cased priority, a bad IFEval relation, a bad response line and a file as --out are one-line errors."""
+    data, refs = _trace_files(tmp_path, toy_trace, n=1)
+    item = toy_trace["eval"][0]
+    E.write_jsonl(data, [dict(item, checks=[dict(item["checks"][0], priority="Primary")] + item["checks"][1:])])
+    with pytest.raises(SystemExit, match=r"eval.jsonl: item 0, constraint 1: priority must be .*got 'Primary'"):
+        E.main(["trace", "--data", str(data), "--responses", str(refs), "--out", str(tmp_path / "o")])
+    inputs = E.read_jsonl(FIXTURES / "ifeval_mini.jsonl")
+    inputs[2] = dict(inputs[2], instruction_id_list=["keywords:frequency"],
+                     kwargs=[{"keyword": "point", "frequency": 2, "relation": "more than"}])
+    bad = tmp_path / "bad_input.jsonl"
+    E.write_jsonl(bad, inputs)
+    with pytest.raises(SystemExit, match=r"bad_input.jsonl: IFEval input with key 3: keywords:frequency: relation"):
+        E.main(["ifeval", "--input", str(bad), "--responses", str(FIXTURES / "ifeval_mini_responses.jsonl"),
+                "--out", str(tmp_path / "o")])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n')  # the third line is the second record
+    with pytest.raises(SystemExit, match=r"rows.jsonl:3: needs 'prompt'"):
+        E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--responses", str(rows),
+                "--out", str(tmp_path / "o")])
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"--out .*a_file is a file"):
+        E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"),
+                "--responses", str(FIXTURES / "ifeval_mini_responses.jsonl"), "--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_trace_outputs_are_all_or_nothing(tmp_path, toy_trace):
+    """When one output cannot be written (a folder named report.md), earlier results and report stay as they are."""
+    data, refs = _trace_files(tmp_path, toy_trace)
+    out = tmp_path / "out"
+    (out / "report.md").mkdir(parents=True)
+    for name in ("results.jsonl", "report.json"):
+        (out / name).write_text("old\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit, match=r"report.md is a folder"):
+        E.main(["trace", "--data", str(data), "--responses", str(refs), "--out", str(out)])
+    kept = {name: (out / name).read_text() for name in ("results.jsonl", "report.json")}
+    assert kept == {"results.jsonl": "old\n", "report.json": "old\n"}, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a staging folder was left behind"

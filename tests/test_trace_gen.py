@@ -259,3 +259,70 @@ def test_real_sample_file_parses_with_stats(capsys):
     assert s["n"] == 9 and s["unmapped_labels"] == {}, s
     assert s["hist"] == {"1": 3, "3": 2, "11": 3, "14": 1}, s["hist"]
     assert s["dimension_counts"]["Numerical"] == 17, s["dimension_counts"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"levels2": "Theme"}\n', r"s.jsonl:1: 'levels2' must be a list of strings, got 'Theme'"),  # not 5 letters
+    ('\n{"levels2": null}\n', r"s.jsonl:2: 'levels2' must be a list of strings, got None"),
+    ('{"checks": [{"type": "Content"}]}\n', r"s.jsonl:1: checks\[0\] needs a string 'dimension'"),
+    ('[\n{"levels2": ["Theme"]}\n]\n', r"s.jsonl:1 is not valid JSON .*one JSON object per line"),
+    ('[{"levels2": ["Theme"]}]\n', r"s.jsonl:1 should hold a JSON object, got list \(JSONL"),
+    ("\n", r"s.jsonl holds no records"),
+])
+def test_stats_bad_files_are_errors_with_file_and_line(tmp_path, content, message):
+    """--stats on a malformed record, a JSON array or an empty file prints error: FILE:LINE, not a traceback."""
+    (tmp_path / "s.jsonl").write_text(content)
+    with pytest.raises(SystemExit, match="error: .*" + message):
+        tg.main(["--stats", str(tmp_path / "s.jsonl")])
+
+
+def test_stats_on_a_folder_says_folder(tmp_path):
+    """A folder given to --stats is reported as a folder, not as a missing file."""
+    with pytest.raises(SystemExit, match=r"error: .* is a folder, expected a JSONL file"):
+        tg.main(["--stats", str(tmp_path)])
+
+
+def test_same_seed_same_files(tmp_path, monkeypatch):
+    """Two CLI runs with one seed write byte-identical files, even when the clock moves between them."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tg.time, "time", lambda: float(next(clock) ** 2))  # each run takes longer than the last
+    for run in ("a", "b"):
+        tg.main(["--out", str(tmp_path / run), "--n-train", "8", "--n-eval", "4", "--seed", "0", "--toy",
+                 "--no-progress"])
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    differ = [n for n in names if (tmp_path / "a" / n).read_bytes() != (tmp_path / "b" / n).read_bytes()]
+    assert len(names) == 5 and not differ, f"files {names}, differing {differ}"
+
+
+def test_write_outputs_is_all_or_nothing(tmp_path):
+    """A failure while writing (an unserialisable stats value) leaves the earlier five files and nothing else."""
+    out = tmp_path / "data"
+    tg.write_outputs(tg.generate_data(6, 3, seed=0, toy=True, progress=False), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    data = tg.generate_data(6, 3, seed=1, toy=True, progress=False)
+    data["stats"]["bad"] = {1, 2}  # a set: json.dumps fails on the last file
+    with pytest.raises(TypeError):
+        tg.write_outputs(data, out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+    assert not changed, f"changed or added: {changed}"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"], sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_bad_params_and_counts_are_rejected(tmp_path, capsys):
+    """A string where a list or integer belongs, --max-constraints 0, a negative count or a file as --out: errors."""
+    with pytest.raises(ValueError, match=r"include_keywords: params field 'keywords' must be a non-empty list"):
+        tg.check({"family": "include_keywords", "params": {"keywords": "cat"}}, "c a t")  # was: each letter a keyword
+    with pytest.raises(ValueError, match=r"bold: params field 'k' must be an integer, got '2'"):
+        tg.check({"family": "bold", "params": {"k": "2"}}, "**a** **b**")
+    for flag, value, least in (("--max-constraints", "0", 1), ("--n-train", "-2", 0), ("--n-eval", "-1", 0)):
+        with pytest.raises(SystemExit):
+            tg.main(["--out", str(tmp_path / "o"), "--toy", "--no-progress", flag, value])
+        err = capsys.readouterr().err
+        assert f"{flag} must be at least {least}, got {value}" in err, err
+    with pytest.raises(ValueError, match="max_constraints must be >= 1"):
+        tg.generate_data(2, 2, seed=0, max_constraints=0, progress=False)
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(SystemExit, match=r"error: --out .*f is a file"):
+        tg.main(["--out", str(tmp_path / "f"), "--n-train", "2", "--n-eval", "2", "--toy", "--no-progress"])
+    assert (tmp_path / "f").read_text() == "keep" and not (tmp_path / "o").exists()
