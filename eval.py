@@ -888,7 +888,9 @@ def cmd_trace(args):
         answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
                                      args.top_p, args.seed)
         responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
-        files["responses.jsonl"] = jsonl_text({"id": k, "response": v} for k, v in responses.items())
+        # kept at once: generation is the slow part, and --responses can score them again
+        write_outputs(out, {"responses.jsonl": jsonl_text({"id": k, "response": v} for k, v in responses.items())})
+        print(f"wrote {out}/responses.jsonl")
     else:
         responses = _read_responses(args.responses, "id")
         ids = [item_key(item, n) for n, item in enumerate(items)]
@@ -938,7 +940,10 @@ def cmd_ifeval(args):
         answers = generate_responses(model, tok, inputs, args.max_new_tokens, args.batch_size, args.temperature,
                                      args.top_p, args.seed)
         responses = {inp["prompt"]: a for inp, a in zip(inputs, answers)}
-        files["input_response_data.jsonl"] = jsonl_text({"prompt": p, "response": r} for p, r in responses.items())
+        # kept at once: generation is the slow part, and --responses can score them again
+        write_outputs(out, {"input_response_data.jsonl":
+                            jsonl_text({"prompt": p, "response": r} for p, r in responses.items())})
+        print(f"wrote {out}/input_response_data.jsonl")
     else:
         responses = _read_responses(args.responses, "prompt")
         unknown = sorted(set(responses) - {p for _, p in prompts})
