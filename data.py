@@ -373,8 +373,10 @@ def read_any(path, kind=None, skip_bad=False, stats=None):
 def sniff_kind(path):
     """Tell the format of a file from the keys of its first record."""
     for line, _, raw in _raw_records(path):
+        if isinstance(raw, _Bad):
+            raise DataError(f"{path}:{line}: {raw}")
         if not isinstance(raw, dict):
-            break
+            raise DataError(f"{path}:{line}: expected a JSON object, got {_type_name(raw)}; cannot tell the format")
         keys = set(raw)
         if keys & {"x1", "y1", "x2", "y2"}:
             return "iopo"

@@ -830,7 +830,9 @@ class Tokenizer:
                 text += header("system") + self.date_header + system + "<|eot_id|>"
             text += "".join(header(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages)  # jinja trim
             return text + (header("assistant") if add_generation_prompt else "")
-        raise ValueError(f"{self.source}: no ChatML or Llama 3 chat template found in tokenizer_config.json")
+        found = f"a template that starts {self.chat_template[:60]!r}" if self.chat_template else "no template"
+        raise ValueError(f"{self.source}: the chat template is neither ChatML nor Llama 3 ({found}, in "
+                         f"tokenizer_config.json or chat_template.jinja); only those two families are rendered")
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self.encode(self.render_chat(messages, add_generation_prompt))

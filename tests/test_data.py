@@ -213,6 +213,8 @@ def test_sniff_kind(tmp_path):
     assert D.sniff_kind(FIXTURES / "trace_items.jsonl") == "trace"
     with pytest.raises(D.DataError, match="cannot tell the format"):
         D.sniff_kind(write(tmp_path, "x.jsonl", [{"foo": 1}]))
+    with pytest.raises(D.DataError, match=r"n.jsonl:2: expected a JSON object, got int"):
+        D.sniff_kind(write(tmp_path, "n.jsonl", ["", "42"]))
 
 
 # -----------------------------------------------------------------------------
