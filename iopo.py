@@ -1127,7 +1127,8 @@ def train(cfg, given=()):
         raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
     out = Path(cfg.out)
     earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
-    if resume_dir is None and any(p.exists() for p in earlier):
+    in_place = resume_dir is not None and out.resolve() == resume_dir.parent.resolve()  # --resume OUT --out OUT
+    if not in_place and any(p.exists() for p in earlier):
         if not cfg.overwrite:  # its checkpoints would stay, mixed with this run's files
             raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
                              f"--resume {out}, or start over with --overwrite, or choose another --out")

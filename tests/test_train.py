@@ -147,8 +147,13 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run .* --resume .* --overwrite"):
         iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1))
     assert len(iopo.checkpoints(tmp_path / "run")) == 2, "a refused run must not touch the old one"
+    iopo.train(config(base, paths["sft"], tmp_path / "other", "sft", max_steps=3, save_every=1))
     iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1, overwrite=True))
     assert iopo.checkpoints(tmp_path / "run") == [] and len(losses(tmp_path / "run")) == 1
+    # resuming another run into it is a new run there too
+    again = iopo.TrainConfig(method="sft", out=str(tmp_path / "run"), resume=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        iopo.train(again)
 
 
 @pytest.mark.parametrize("flags,message", [
