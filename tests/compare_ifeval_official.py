@@ -16,7 +16,8 @@ tables (converted from punkt_tab) as Python literals, and --write-punkt-tab writ
 from those tables.
 
 lm-eval ships a copy of google-research's instruction_following_eval checkers (lm_eval/tasks/ifeval); we load
-those three files directly. langdetect is seeded (DetectorFactory.seed = 0) so that its answers repeat.
+those files directly: its checkers and its own strict / loose scoring functions, so the official side runs
+none of our code. langdetect is seeded (DetectorFactory.seed = 0) so that its answers repeat.
 --cross N also judges every instruction of every prompt against N other prompts' responses (more texts,
 same checkers), which multiplies the number of verdicts compared.
 """
@@ -42,7 +43,7 @@ def load_official():
     sys.modules.setdefault("lm_eval.tasks", types.ModuleType("lm_eval.tasks"))
     sys.modules["lm_eval.tasks.ifeval"] = pkg
     mods = {}
-    for name in ("instructions_util", "instructions", "instructions_registry"):
+    for name in ("instructions_util", "instructions", "instructions_registry", "utils"):
         spec = importlib.util.spec_from_file_location(f"lm_eval.tasks.ifeval.{name}", folder / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
@@ -54,7 +55,7 @@ def load_official():
     mods["instructions_util"]._get_sentence_tokenizer = lambda: english
     import langdetect
     langdetect.DetectorFactory.seed = 0
-    return mods["instructions_registry"].INSTRUCTION_DICT
+    return mods["utils"]
 
 
 def write_punkt_tab():
@@ -105,12 +106,13 @@ def write_ortho_table():
     print(f"wrote {dest}: {len(start)} + {len(lower)} words")
 
 
-def official_verdict(registry, inst_id, kwargs, response, loose):
-    import eval as ours
-    cands = ours.loose_variants(response) if loose else [response]
-    inst = registry[inst_id](inst_id)
-    inst.build_description(**{k: v for k, v in kwargs.items() if v})
-    return any(c.strip() and inst.check_following(c) for c in cands)
+def official_verdicts(utils, inp, response, loose):
+    """The official scorer's verdicts for one input and response: lm-eval's own strict / loose functions,
+    loose variants, kwargs handling and all (none of our code on this side)."""
+    example = utils.InputExample(key=inp["key"], instruction_id_list=inp["instruction_id_list"],
+                                 prompt=inp["prompt"], kwargs=inp["kwargs"])
+    test = utils.test_instruction_following_loose if loose else utils.test_instruction_following_strict
+    return test(example, response).follow_instruction_list
 
 
 def main():
@@ -130,7 +132,7 @@ def main():
         ap.error("--input and --responses are required")
     import logging
     logging.disable(logging.CRITICAL)
-    registry = load_official()
+    utils = load_official()
     import eval as ours
     inputs = [json.loads(l) for l in open(args.input)]
     responses = {}
@@ -149,9 +151,10 @@ def main():
     agree = collections.defaultdict(lambda: [0, 0])
     shown = collections.Counter()
     for inp, resp, matched in pairs:
-        for inst_id, kw in zip(inp["instruction_id_list"], inp["kwargs"]):
+        official = {loose: official_verdicts(utils, inp, resp, loose) for loose in (False, True)}
+        for n, (inst_id, kw) in enumerate(zip(inp["instruction_id_list"], inp["kwargs"])):
             for loose in (False, True):
-                ref = official_verdict(registry, inst_id, kw, resp, loose)
+                ref = official[loose][n]
                 got = ours.check_instruction(inst_id, kw, resp, loose=loose)
                 tag = ("matched" if matched else "cross", "loose" if loose else "strict")
                 if inst_id == "keywords:letter_frequency" and not kw["letter"].isalpha():
