@@ -649,9 +649,14 @@ def main():
                         help="--train --device cuda: keep all activations instead of recomputing each block")
     parser.add_argument("--profile", action="store_true",
                         help="--train --device cuda: print torch.profiler's operator table for one step of each IOPO run")
-    args, rest = parser.parse_known_args()
+    args = parser.parse_args()
     if not (args.kernel or args.generate or args.train or args.attention):
         parser.error("choose at least one of --kernel, --generate, --train, --attention")
+    for name in ("tokens", "dim", "vocab", "chunk_size", "repeats", "new_tokens", "prompt_tokens", "gen_threads",
+                 "train_threads", "train_batch"):
+        value, least = getattr(args, name), 0 if name == "train_batch" else 1  # --train-batch 0: the default
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if args.kernel:
         bench_kernel(args)
     if args.generate:

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
                   collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
-from model import (PackedRows, Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic,
+from model import (PRESETS, PackedRows, Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic,
                    write_json_atomic)
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
@@ -301,6 +301,8 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
         scored = _scored_rows(flat_labels, ignore_index, weight.shape[0], "token_logprobs")
     y = flat_labels[scored]
     h = flat_hidden if len(scored) == len(flat_labels) else flat_hidden[scored]  # (n, D)
+    if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+        raise ValueError(f"token_logprobs: chunk_size must be a positive integer or None, got {chunk_size!r}")
     rows = chunk_size or _chunk_rows(weight.shape[0], hidden.device)
     use_triton = impl == "triton"
 
@@ -334,8 +336,21 @@ def sequence_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto"):
 
 def sft_loss(token_logps, mask):
     """Mean negative log-likelihood over response tokens: -sum_t mask_t log p_t / sum_t mask_t (a scalar)."""
+    if mask.shape != token_logps.shape or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"sft_loss: mask must be 0/1 (or bool) of token_logps' shape {list(token_logps.shape)}, "
+                         f"got shape {list(mask.shape)}")
     mask = mask.to(token_logps.dtype)
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _check_pairs(who, beta, label_smoothing, **sums):
+    """The preference losses take (B,) sums, one per example, all the same length: a (B, 1) reference would
+    broadcast to (B, B) and give a wrong number without an error. beta > 0; label smoothing in [0, 0.5)."""
+    if not beta > 0 or not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"{who}: beta must be > 0 and label_smoothing in [0, 0.5), got {beta} and {label_smoothing}")
+    shapes = {name: tuple(t.shape) for name, t in sums.items() if t is not None}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise ValueError(f"{who}: every log-prob sum must be a 1-D tensor of the batch's length, got {shapes}")
 
 
 def _bradley_terry(z, label_smoothing):
@@ -348,6 +363,8 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta=0.1, label_smoothing=0
 
         loss = -log sigmoid( beta * [r(x, y_w) - r(x, y_l)] )
     """
+    _check_pairs("dpo_loss", beta, label_smoothing, logp_w=logp_w, logp_l=logp_l, ref_logp_w=ref_logp_w,
+                 ref_logp_l=ref_logp_l)
     r_w = logp_w - ref_logp_w  # (B,)
     r_l = logp_l - ref_logp_l  # (B,)
     z = beta * (r_w - r_l)
@@ -384,6 +401,11 @@ def iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, ref_logp_y1_x1, re
     """
     if variant not in IOPO_VARIANTS:
         raise ValueError(f"iopo_loss: variant must be one of {IOPO_VARIANTS}, got {variant!r}")
+    four = variant != "three_seq"  # three_seq has no (x2, y2)
+    _check_pairs("iopo_loss", beta, label_smoothing, logp_y1_x1=logp_y1_x1, logp_y2_x1=logp_y2_x1,
+                 logp_y2_x2=logp_y2_x2 if four else None, logp_y1_x2=logp_y1_x2, ref_logp_y1_x1=ref_logp_y1_x1,
+                 ref_logp_y2_x1=ref_logp_y2_x1, ref_logp_y2_x2=ref_logp_y2_x2 if four else None,
+                 ref_logp_y1_x2=ref_logp_y1_x2)
     r11 = logp_y1_x1 - ref_logp_y1_x1  # (B,) x1 with its own response
     r12 = logp_y2_x1 - ref_logp_y2_x1  # (B,) x1 with y2, which breaks x1's constraints
     r21 = logp_y1_x2 - ref_logp_y1_x2  # (B,) x2 with y1, which breaks x2's constraints
@@ -435,6 +457,10 @@ def ftx_term(logp_y1_x1, n_y1, logp_y2_x2=None, n_y2=None):
 
     averaged over the batch; |y| is the number of scored response tokens (`sequence_logprobs`' second output).
     """
+    given = [t for t in (logp_y1_x1, n_y1, logp_y2_x2, n_y2) if t is not None]
+    if (logp_y2_x2 is None) != (n_y2 is None) or len({tuple(t.shape) for t in given}) != 1 or given[0].dim() != 1:
+        raise ValueError(f"ftx_term: log-prob sums and token counts must be 1-D of one length, in pairs; got shapes "
+                         f"{[None if t is None else list(t.shape) for t in (logp_y1_x1, n_y1, logp_y2_x2, n_y2)]}")
     term = -logp_y1_x1 / n_y1.clamp(min=1)
     if logp_y2_x2 is not None:
         term = term - logp_y2_x2 / n_y2.clamp(min=1)
@@ -1125,6 +1151,8 @@ def train(cfg, given=()):
             raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.epochs <= 0 or cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
+    if not cfg.beta > 0 or not 0 <= cfg.label_smoothing < 0.5:  # a negative beta would prefer the loser
+        raise ValueError(f"--beta must be > 0 and --label-smoothing in [0, 0.5); got {cfg.beta}, {cfg.label_smoothing}")
     out = Path(cfg.out)
     earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
     in_place = resume_dir is not None and out.resolve() == resume_dir.parent.resolve()  # --resume OUT --out OUT
@@ -1346,6 +1374,12 @@ def toy_reproduction(tc):
     import eval as evaluation
     import trace_gen
 
+    for key in ("n_train", "n_eval", "sft_steps", "sft_batch", "pref_steps", "pref_batch", "max_new_tokens"):
+        if getattr(tc, key) < 1:  # checked here, not minutes later when SFT is done
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(tc, key)}")
+    if tc.threads < 0 or not tc.beta > 0 or tc.preset not in PRESETS:
+        raise ValueError(f"--threads must be >= 0, --beta > 0 and --preset one of {list(PRESETS)}; got "
+                         f"{tc.threads}, {tc.beta}, {tc.preset!r}")
     root = Path(tc.out) / f"seed{tc.seed}"
     t0 = time.time()
     if tc.threads:

@@ -139,6 +139,9 @@ def test_bad_inputs_are_named():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="triton"):
             iopo.token_logprobs(hidden, weight, labels, impl="triton")
+    for chunk_size in (-1, 0, 2.5):  # -1 used to return the uninitialised output buffer as log-probs
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+            iopo.token_logprobs(hidden.clone().requires_grad_(), weight, labels, chunk_size=chunk_size)
 
 
 _TRITON_SCRIPT = r"""

@@ -143,3 +143,24 @@ def test_ftx_term_by_hand():
     expected = ((2 + 2) + (2 + 4)) / 2  # row 0: 10/5 + 8/4; row 1: 6/3 + 4/1
     assert abs(term.item() - expected) < 1e-6, f"ftx {term.item()} vs {expected}"
     assert abs(iopo.ftx_term(l11, n1).item() - 2.0) < 1e-6, iopo.ftx_term(l11, n1).item()
+
+
+def test_loss_arguments_are_checked():
+    """Inputs that would broadcast into a wrong number, and beta / label smoothing out of range, are refused:
+    a (B, 1) reference against (B,) sums used to give a (B, B) loss, a (T,) mask against (R, T) log-probs a
+    halved SFT loss."""
+    b = torch.randn(4)
+    with pytest.raises(ValueError, match="dpo_loss: every log-prob sum must be a 1-D tensor"):
+        iopo.dpo_loss(b, b, b[:, None], b[:, None])
+    q = _random_quads(0)
+    with pytest.raises(ValueError, match="iopo_loss: every log-prob sum"):
+        iopo.iopo_loss(**{**q, "ref_logp_y1_x1": q["ref_logp_y1_x1"][:1]})
+    for beta, smoothing in ((0.0, 0.0), (-0.1, 0.0), (0.1, 0.5)):
+        with pytest.raises(ValueError, match="beta must be > 0 and label_smoothing in"):
+            iopo.dpo_loss(b, b, b, b, beta=beta, label_smoothing=smoothing)
+    with pytest.raises(ValueError, match="sft_loss: mask must be 0/1"):
+        iopo.sft_loss(torch.randn(2, 5), torch.ones(5))
+    with pytest.raises(ValueError, match="ftx_term: log-prob sums and token counts"):
+        iopo.ftx_term(b, torch.ones(4, 1))
+    with pytest.raises(ValueError, match="ftx_term"):
+        iopo.ftx_term(b, torch.ones(4), b)  # y2's sums without its counts

@@ -161,6 +161,7 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--max-len", "0"], "--max-len must be at least 1, got 0"),
     (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
     (["--dtype", "float16"], "--dtype float32 or bfloat16"),
+    (["--beta", "-1"], "--beta must be > 0"),
 ])
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
@@ -168,6 +169,15 @@ def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, 
     with pytest.raises(SystemExit, match=message):
         iopo.main(["sft", "--model", str(base), "--data", str(paths["sft"]), "--out", str(tmp_path / "o"), *flags])
     assert not (tmp_path / "o").exists()
+
+
+def test_toy_settings_are_checked_first(tmp_path):
+    """The toy reproduction refuses a zero step count or an unknown preset before it generates anything."""
+    for flags, message in ((["--sft-steps", "0"], "--sft-steps must be at least 1"),
+                           (["--preset", "huge"], "--preset one of")):
+        with pytest.raises(SystemExit, match=message):
+            iopo.main(["toy", "--out", str(tmp_path / "toy"), *flags])
+    assert not (tmp_path / "toy").exists()
 
 
 def test_bad_data_leaves_no_out_folder(toy_dir, tmp_path):
