@@ -26,6 +26,9 @@ Simplifications and departures:
      newline that follows `<|im_end|>`, which generation never produces, so we leave it out.
   3. No packing of several examples into one row (only the two answers to one prompt share a row, with
      the trainer's --pack: collate_packed), no multimodal inputs, no tool calls.
+  4. Kept but counted, as LLaMA-Factory keeps them silently: ties (DPO pairs with equal answers, IOPO
+     quadruples with equal prompts or answers: ReadStats.ties) and text that spells a special token, which
+     the tokenizer reads as that token (EncodeStats.special_text).
 """
 
 import argparse
@@ -77,9 +80,14 @@ class ReadStats:
     kept: int = 0
     skipped: int = 0
     errors: list = field(default_factory=list)  # the first few skip messages, to show the user
+    ties: int = 0  # kept DPO pairs with equal answers, IOPO quadruples with equal prompts or answers
+    first_tie: str = ""  # file:line of the first one
 
     def __str__(self):
         text = f"{self.path}: examples {self.kept}, bad lines skipped {self.skipped}"
+        if self.ties:  # not errors: kept, but their preference terms compare a sequence with itself
+            text += (f", ties {self.ties} (equal answers or prompts, e.g. {self.first_tie}: their preference "
+                     f"terms have no gradient)")
         return text + "".join(f"\n  {e}" for e in self.errors)
 
 
@@ -88,13 +96,15 @@ class EncodeStats:
     """Token counts over the examples encoded so far (each sequence of a pair or quadruple counts)."""
     examples: int = 0
     truncated: int = 0         # examples cut to max_len
+    special_text: int = 0      # examples whose text spells a special token (the tokenizer reads it as that token)
     boundary_merges: int = 0   # sequences whose prompt/response seam merges when tokenized whole
     scored_tokens: int = 0
     masked_tokens: int = 0
 
     def __str__(self):
         return (f"examples {self.examples}, tokens scored {self.scored_tokens}, masked {self.masked_tokens}, "
-                f"truncated examples {self.truncated}, seams that merge when tokenized whole {self.boundary_merges}")
+                f"truncated examples {self.truncated}, seams that merge when tokenized whole {self.boundary_merges}, "
+                f"examples whose text spells a special token {self.special_text}")
 
 
 # -----------------------------------------------------------------------------
@@ -208,13 +218,10 @@ def normalize_sft(rec):
 def normalize_dpo(rec):
     """{"prompt": messages, "chosen": str, "rejected": str}; sharegpt's "conversations" names the prompt."""
     key = "conversations" if "conversations" in rec and "prompt" not in rec else "prompt"
-    out = {"prompt": _prompt(_get(rec, key), key),
-           "chosen": _response(_get(rec, "chosen"), "chosen"),
-           "rejected": _response(_get(rec, "rejected"), "rejected"),
-           **_extras(rec, {key, "chosen", "rejected"})}
-    if out["chosen"] == out["rejected"]:  # a pair with nothing to prefer: its gradient is zero
-        raise _Bad('"chosen" and "rejected" are the same text')
-    return out
+    return {"prompt": _prompt(_get(rec, key), key),
+            "chosen": _response(_get(rec, "chosen"), "chosen"),
+            "rejected": _response(_get(rec, "rejected"), "rejected"),
+            **_extras(rec, {key, "chosen", "rejected"})}
 
 
 def normalize_iopo(rec):
@@ -226,22 +233,20 @@ def normalize_iopo(rec):
         if len(asks) != 2 or any(t["role"] != "user" for t in asks):
             raise _Bad(f'"conversations" should hold two human turns (x1 and x2), holds '
                        f'{", ".join(t["role"] for t in asks)}')
-        return _distinct({"x1": system + asks[:1], "y1": _response(_get(rec, "chosen"), "chosen"),
-                          "x2": system + asks[1:], "y2": _response(_get(rec, "rejected"), "rejected"),
-                          **_extras(rec, {"conversations", "chosen", "rejected"})})
-    return _distinct({"x1": _prompt(_get(rec, "x1"), "x1"), "y1": _response(_get(rec, "y1"), "y1"),
-                      "x2": _prompt(_get(rec, "x2"), "x2"), "y2": _response(_get(rec, "y2"), "y2"),
-                      **_extras(rec, {"x1", "y1", "x2", "y2"})})
+        return {"x1": system + asks[:1], "y1": _response(_get(rec, "chosen"), "chosen"),
+                "x2": system + asks[1:], "y2": _response(_get(rec, "rejected"), "rejected"),
+                **_extras(rec, {"conversations", "chosen", "rejected"})}
+    return {"x1": _prompt(_get(rec, "x1"), "x1"), "y1": _response(_get(rec, "y1"), "y1"),
+            "x2": _prompt(_get(rec, "x2"), "x2"), "y2": _response(_get(rec, "y2"), "y2"),
+            **_extras(rec, {"x1", "y1", "x2", "y2"})}
 
 
-def _distinct(quad):
-    """An IOPO quadruple whose two prompts, or two answers, are the same teaches nothing: every term of the
-    loss compares a sequence with itself."""
-    if quad["x1"] == quad["x2"]:
-        raise _Bad("x1 and x2 are the same prompt")
-    if quad["y1"] == quad["y2"]:
-        raise _Bad("y1 and y2 are the same text")
-    return quad
+def _is_tie(kind, ex):
+    """A DPO pair with equal answers, or an IOPO quadruple with equal prompts or answers: the preference terms
+    that compare the two are zero whatever the weights (IOPO's full loss entirely). Kept, and counted."""
+    if kind == "dpo":
+        return ex["chosen"] == ex["rejected"]
+    return kind == "iopo" and (ex["x1"] == ex["x2"] or ex["y1"] == ex["y2"])
 
 
 def normalize_trace(rec):
@@ -342,6 +347,9 @@ def _read(path, kind, skip_bad, stats, with_position=False):
                 stats.errors.append(message)
             continue
         stats.kept += 1
+        if _is_tie(kind, ex):
+            stats.ties += 1
+            stats.first_tie = stats.first_tie or f"{path}:{line}"
         yield (line, offset, ex) if with_position else ex
 
 
@@ -519,11 +527,10 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     that the same data gives the same tokens. For IOPO quadruples we use the longer prompt and the longer
     response of the four, so both prompts and both responses are cut to the same lengths. The authors'
     IOPO processor is not in the public release we could read; this is the pairwise rule extended."""
-    for text in [m["content"] for msgs in prompts for m in msgs] + list(responses):
-        for special in getattr(tok, "special_tokens", ()):
-            if special in text:
-                raise DataError(f"a message holds the text {special!r}, the tokenizer's special token: it would "
-                                f"be read as that control token (a turn boundary), not as text")
+    # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
+    # as transformers' chat templates read it too; it is kept and counted (EncodeStats.special_text)
+    texts_in = [m["content"] for msgs in prompts for m in msgs] + list(responses)
+    special = any(t in text for t in getattr(tok, "special_tokens", ()) for text in texts_in)
     p = [prompt_ids(tok, m) for m in prompts]
     texts = [rendered_response(tok, prompts[0], y) for y in responses]
     r = [response_ids(tok, y) for y in texts]
@@ -536,6 +543,7 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     if stats is not None:
         stats.examples += 1
         stats.truncated += truncated
+        stats.special_text += special
         stats.boundary_merges += merges
         for s in seqs:
             scored = sum(label != IGNORE_INDEX for label in s["labels"])

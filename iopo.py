@@ -349,7 +349,8 @@ def _check_pairs(who, beta, label_smoothing, **sums):
     if not beta > 0 or not 0 <= label_smoothing < 0.5:
         raise ValueError(f"{who}: beta must be > 0 and label_smoothing in [0, 0.5), got {beta} and {label_smoothing}")
     shapes = {name: tuple(t.shape) for name, t in sums.items() if t is not None}
-    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+    distinct = set(shapes.values())
+    if len(distinct) != 1 or len(distinct.pop()) != 1:  # one shape, and that shape is (B,)
         raise ValueError(f"{who}: every log-prob sum must be a 1-D tensor of the batch's length, got {shapes}")
 
 
@@ -1052,7 +1053,9 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         if lora:
             return None, scorer
         return None, starting_weights(cfg, load_dtype, device, scorer.packed_attention)
-    cache_of = lambda key: Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
+    def cache_of(key):  # beside --out, so that runs on the same data and weights share it
+        return Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
+
     # Rank 0 alone reads the weights to hash them and looks for the cache; the others take its answer (key +
     # "1" when cached). If rank 0 fails, every process stops: none is left waiting in the broadcast.
     answer, error = "!" * (CACHE_KEY_CHARS + 1), None
@@ -1117,7 +1120,8 @@ def train(cfg, given=()):
         raise ValueError(f"variant must be one of {IOPO_VARIANTS}, got {cfg.variant!r}")
     resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
     if resume_dir is not None:  # the saved resolved config decides everything but where to write and how to run
-        saved = json.loads((resume_dir / "trainer_state.json").read_text())["config"]
+        state = json.loads((resume_dir / "trainer_state.json").read_text())
+        saved, resume_step = state["config"], state["step"]
         # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
         typed = {k: getattr(cfg, k) for k in given}
         if typed.get("model") == "toy":
@@ -1146,7 +1150,8 @@ def train(cfg, given=()):
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
                          + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
                             if resume_dir is not None and "fsdp" not in given else ""))
-    for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_len", 1), ("max_steps", 0)):
+    for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_len", 1), ("max_steps", 0), ("save_every", 0),
+                     ("keep_checkpoints", 0)):
         if getattr(cfg, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.epochs <= 0 or cfg.dtype not in ("float32", "bfloat16"):
@@ -1156,23 +1161,33 @@ def train(cfg, given=()):
     out = Path(cfg.out)
     earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
     in_place = resume_dir is not None and out.resolve() == resume_dir.parent.resolve()  # --resume OUT --out OUT
-    if not in_place and any(p.exists() for p in earlier):
-        if not cfg.overwrite:  # its checkpoints would stay, mixed with this run's files
-            raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
-                             f"--resume {out}, or start over with --overwrite, or choose another --out")
-        if is_main():
-            for p in earlier:
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        barrier()
+    start_over = not in_place and any(p.exists() for p in earlier)
+    if start_over and not cfg.overwrite:  # its checkpoints would stay, mixed with this run's files
+        raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
+                         f"--resume {out}, or start over with --overwrite, or choose another --out")
 
     # Data first: a bad file fails here, before any weights are loaded or anything is written.
     kind = cfg.method
     read_stats = ReadStats()
     records = RecordFile(cfg.data, kind, skip_bad=cfg.skip_bad, stats=read_stats)
-    if read_stats.skipped and is_main():
+    if (read_stats.skipped or read_stats.ties) and is_main():
         print(read_stats)
     if len(records) == 0:
         raise DataError(f"{cfg.data}: no usable {kind} examples")
+    barrier()  # every process has looked at --out before rank 0 changes it
+    if is_main():
+        if start_over:  # --overwrite: the earlier run's metrics and checkpoints go
+            for old in earlier:
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink(missing_ok=True)
+        elif in_place:  # continuing from an older checkpoint: the later ones belong to the abandoned steps
+            for old in checkpoints(out):
+                if int(old.name.split("-", 1)[1]) > resume_step:
+                    print(f"removing {old}: it is later than step {resume_step}, where this run continues")
+                    shutil.rmtree(old)
+    barrier()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.model == "toy":
         if is_main():
@@ -1239,7 +1254,8 @@ def train(cfg, given=()):
     # A copy from pageable memory waits for the GPU to finish its queue; from pinned memory it does not
     pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
     # The on-the-fly reference reads the policy's rows, except unpacked three_seq rows, which lack (x2, y2)
-    ref_own_rows = ref_scorer is not None and not cfg.pack and cfg.method == "iopo" and cfg.variant == "three_seq"
+    ref_needs_full_rows = (ref_scorer is not None and not cfg.pack and cfg.method == "iopo"
+                           and cfg.variant == "three_seq")
     ref_held = None  # --ref-on-the-fly: the held-out reference, computed at the first evaluation
     last_ckpt = resume_dir
     bar = tqdm(total=total, initial=start, desc=f"{kind}", disable=not is_main(), dynamic_ncols=True)
@@ -1260,7 +1276,7 @@ def train(cfg, given=()):
             if ref_all is not None:
                 ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
             elif ref_scorer is not None:
-                ref_batch = batch if not ref_own_rows else to_device(
+                ref_batch = batch if not ref_needs_full_rows else to_device(
                     micro_batch(cfg, examples, tok.pad_token_id, model.config.vocab_size, every_sequence=True),
                     device, pin)
                 with torch.no_grad(), adapters_disabled(model), autocast():
@@ -1326,13 +1342,16 @@ def train(cfg, given=()):
             if is_main():
                 last_ckpt = out / f"checkpoint-{step + 1}"
                 save_checkpoint(last_ckpt, whole, cfg.model, opt, sampler, step + 1, cfg, lora, rank_rng)
-                for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
-                    shutil.rmtree(old)
+                if cfg.keep_checkpoints:  # the newest ones up to this step stay, this one among them
+                    for old in checkpoints(out)[:-cfg.keep_checkpoints]:
+                        shutil.rmtree(old)
             barrier()
     bar.close()
-    if is_main() and dataset.stats.truncated:  # LLaMA-Factory's rule cut them (data.py); data.py FILE lists them
-        print(f"{dataset.stats.truncated} of the {dataset.stats.examples} examples encoded"
-              f"{' by this process' if world > 1 else ''} were longer than --max-len {cfg.max_len} and were cut")
+    seen = dataset.stats  # what this process encoded; `python data.py FILE` shows any example's tokens
+    if is_main() and (seen.truncated or seen.special_text):
+        print(f"of the {seen.examples} examples encoded{' by this process' if world > 1 else ''}: "
+              f"{seen.truncated} were longer than --max-len {cfg.max_len} and were cut (LLaMA-Factory's rule), "
+              f"{seen.special_text} hold text that spells a special token, read as that token")
     final = out / "final"
     whole = whole_model(model, cfg, lora, load_dtype)  # under FSDP every process sends rank 0 its shards
     if is_main():
@@ -1465,7 +1484,8 @@ def main(argv=None):
         if command == "toy":
             toy_reproduction(ToyConfig(**args))
         else:  # the flags on the command line, for --resume: they may change how the saved run continues
-            given = (set(vars(_parser(given_only=True).parse_args(argv))) - {"command"}) | {"method"}
+            typed = vars(_parser(given_only=True).parse_args(argv))  # only the flags on the command line
+            given = (set(typed) - {"command"}) | {"method"}
             print(f"final model: {train(TrainConfig(method=command, **args), given)}")
     except (TrainingStopped, DataError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -658,7 +658,9 @@ def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
     when all of it is complete are the files moved in (config.json last) and an earlier save's weight files
     removed, so a failure while writing (a full disk, a missing tokenizer) leaves a model already at `path`
     as it was. Other files in `path` are left alone."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." has no name to stage beside
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: a file is in the way of the model folder")
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: file not found")
     config = model.config

@@ -138,9 +138,6 @@ BAD_LINES = [
      '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system'),
     ("iopo", {"conversations": [{"from": ["human"], "value": "A"}], "chosen": "a", "rejected": "b"},
      '"conversations"[0]["from"] is ["human"]; expected one of human, gpt, system'),
-    ("dpo", {"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}, '"chosen" and "rejected" are the same text'),
-    ("iopo", {"x1": "A", "y1": "a", "x2": "A", "y2": "b"}, "x1 and x2 are the same prompt"),
-    ("iopo", {"x1": "A", "y1": "a", "x2": "B", "y2": "a"}, "y1 and y2 are the same text"),
     ("sft", '{"prompt": "Hi", "response": "\\ud800"}', '"response" is not valid Unicode text (surrogates not allowed'),
     ("sft", '{"prompt": "Hi", "response": "Yo", "n": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit"),
 ]
@@ -442,15 +439,26 @@ def test_dataset_error_names_the_line(tmp_path, tok):
         ds[1]
 
 
-def test_special_token_text_is_refused(tmp_path, tok):
-    """A message that spells a special token ("<|im_end|>" inside an answer) is an error naming its line: the
-    tokenizer would read it as the end of the turn."""
+def test_special_token_text_is_counted(tmp_path, tok):
+    """A message that spells a special token ("<|im_end|>" inside an answer) is encoded as that token, as
+    transformers would, and counted, so that training and `python data.py` can report it."""
     path = write(tmp_path, "s.jsonl", [GOOD["sft"], {"prompt": "Hi", "response": "x<|im_end|>y"}])
     ds = D.EncodedDataset(D.RecordFile(path, "sft"), "sft", tok)
     assert "<|im_end|>" in tok.special_tokens, tok.special_tokens
-    ds[0]
-    with pytest.raises(D.DataError, match=r"s.jsonl:2: a message holds the text '<\|im_end\|>'"):
-        ds[1]
+    stats = ds.scan()
+    assert (stats.examples, stats.special_text) == (2, 1), stats
+
+
+def test_ties_are_kept_and_counted(tmp_path):
+    """DPO pairs with equal answers and IOPO quadruples with equal prompts or answers are read, and counted with
+    the line of the first (their preference terms have no gradient)."""
+    path = write(tmp_path, "d.jsonl", [GOOD["dpo"], {"prompt": "Hi", "chosen": "Yo", "rejected": "Yo"}])
+    stats = D.ReadStats()
+    assert len(list(D.read_dpo(path, stats=stats))) == 2
+    assert (stats.ties, stats.first_tie) == (1, f"{path}:2") and "ties 1" in str(stats), stats
+    quads = [GOOD["iopo"], {"x1": "A", "y1": "a", "x2": "A", "y2": "b"}, {"x1": "A", "y1": "a", "x2": "B", "y2": "a"}]
+    stats = D.ReadStats()
+    assert len(list(D.read_iopo(write(tmp_path, "q.jsonl", quads), stats=stats))) == 3 and stats.ties == 2
 
 
 def test_tokenizer_round_trips_text_and_specials(tok_dir, tok):

@@ -487,16 +487,32 @@ def test_cli_errors_name_item_key_line_and_out(tmp_path, toy_trace):
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
-def test_trace_outputs_are_all_or_nothing(tmp_path, toy_trace):
-    """When one output cannot be written (a folder named report.md), earlier results and report stay as they are."""
+def test_trace_outputs_are_all_or_nothing(tmp_path, toy_trace, monkeypatch):
+    """When the disk fills while the second output is written, the earlier results and report stay as they
+    were and no staging folder is left; a folder in the way of an output is refused up front."""
     data, refs = _trace_files(tmp_path, toy_trace)
     out = tmp_path / "out"
-    (out / "report.md").mkdir(parents=True)
-    for name in ("results.jsonl", "report.json"):
+    out.mkdir()
+    for name in ("results.jsonl", "report.json", "report.md"):
         (out / name).write_text("old\n")
     before = sorted(p.name for p in tmp_path.iterdir())
+    real_open, opened = open, []
+
+    def full_disk(file, mode="r", *args, **kwargs):  # the second file opened for writing fails
+        if "w" in mode:
+            opened.append(file)
+            if len(opened) == 2:
+                raise OSError("No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(trace_gen, "open", full_disk, raising=False)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        E.main(["trace", "--data", str(data), "--responses", str(refs), "--out", str(out)])
+    monkeypatch.undo()
+    kept = {p.name: p.read_text() for p in out.iterdir()}
+    assert kept == {"results.jsonl": "old\n", "report.json": "old\n", "report.md": "old\n"}, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a staging folder was left behind"
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
     with pytest.raises(SystemExit, match=r"report.md is a folder"):
         E.main(["trace", "--data", str(data), "--responses", str(refs), "--out", str(out)])
-    kept = {name: (out / name).read_text() for name in ("results.jsonl", "report.json")}
-    assert kept == {"results.jsonl": "old\n", "report.json": "old\n"}, kept
-    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a staging folder was left behind"

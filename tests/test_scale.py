@@ -91,8 +91,8 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_reference_pass_is_shared(toy, tmp_path, fsdp):
-    """2 processes each score half of the examples for the reference cache (15: one share is shorter, topped
-    up so that FSDP's sharded forwards stay in step) and gather a table equal to one process's."""
+    """The reference table that 2 processes write for 15 examples (shares of 8 and 7, the shorter one topped up
+    so that FSDP's sharded forwards stay in step) equals one process's, row for row."""
     folder, paths, base = toy
     data = tmp_path / "dpo15.jsonl"
     data.write_text("".join(Path(paths["dpo"]).read_text().splitlines(keepends=True)[:15]))

@@ -295,12 +295,13 @@ def test_same_seed_same_files(tmp_path, monkeypatch):
 
 
 def test_write_outputs_is_all_or_nothing(tmp_path):
-    """A failure while writing (an unserialisable stats value) leaves the earlier five files and nothing else."""
+    """A failure midway through writing (an unserialisable value in eval.jsonl, the fourth of five files, after
+    sft, dpo and iopo are written) leaves the earlier five files as they were and nothing else."""
     out = tmp_path / "data"
     tg.write_outputs(tg.generate_data(6, 3, seed=0, toy=True, progress=False), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     data = tg.generate_data(6, 3, seed=1, toy=True, progress=False)
-    data["stats"]["bad"] = {1, 2}  # a set: json.dumps fails on the last file
+    data["eval"][-1]["bad"] = {1, 2}  # a set: json.dumps fails inside the writing of eval.jsonl
     with pytest.raises(TypeError):
         tg.write_outputs(data, out)
     after = {p.name: p.read_bytes() for p in out.iterdir()}

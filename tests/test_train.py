@@ -147,6 +147,10 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run .* --resume .* --overwrite"):
         iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1))
     assert len(iopo.checkpoints(tmp_path / "run")) == 2, "a refused run must not touch the old one"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no usable sft examples"):  # --overwrite, but the data is unusable
+        iopo.train(config(base, tmp_path / "empty.jsonl", tmp_path / "run", "sft", max_steps=1, overwrite=True))
+    assert len(iopo.checkpoints(tmp_path / "run")) == 2, "nothing is deleted before the data has been read"
     iopo.train(config(base, paths["sft"], tmp_path / "other", "sft", max_steps=3, save_every=1))
     iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=1, overwrite=True))
     assert iopo.checkpoints(tmp_path / "run") == [] and len(losses(tmp_path / "run")) == 1
@@ -162,6 +166,7 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
     (["--dtype", "float16"], "--dtype float32 or bfloat16"),
     (["--beta", "-1"], "--beta must be > 0"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0, got -1"),
 ])
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
@@ -188,6 +193,18 @@ def test_bad_data_leaves_no_out_folder(toy_dir, tmp_path):
         with pytest.raises(SystemExit, match=message):
             iopo.main(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")])
         assert not (tmp_path / "o").exists()
+
+
+def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
+    """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
+    --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
+    folder, paths, base = toy_dir
+    iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=4, save_every=1))
+    assert [p.name for p in iopo.checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    iopo.main(["sft", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint-1"),
+               "--save-every", "2", "--keep-checkpoints", "1"])
+    assert [p.name for p in iopo.checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
