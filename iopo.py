@@ -974,11 +974,17 @@ def gather_rng_states(device, world):
     return states
 
 
+def _step_of(checkpoint):
+    """N of a checkpoint-N folder, or None for another name."""
+    n = checkpoint.name.split("-", 1)[1]
+    return int(n) if n.isdigit() else None
+
+
 def checkpoints(folder):
     """The complete checkpoint-N folders in `folder`, oldest (smallest N) first."""
     found = [p for p in Path(folder).glob("checkpoint-*")
-             if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+             if _step_of(p) is not None and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(path):
@@ -1100,6 +1106,13 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
     return ref_all, None
 
 
+def _require_at_least(cfg, **least):
+    """Stop at the first field of a config below its smallest allowed value, naming the flag."""
+    for key, low in least.items():
+        if getattr(cfg, key) < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
+
+
 def default_lr(method):
     """The paper's peak learning rates: 1e-4 for SFT, 5e-6 for DPO and IOPO."""
     return 1e-4 if method == "sft" else 5e-6
@@ -1150,10 +1163,7 @@ def train(cfg, given=()):
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
                          + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
                             if resume_dir is not None and "fsdp" not in given else ""))
-    for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_len", 1), ("max_steps", 0), ("save_every", 0),
-                     ("keep_checkpoints", 0)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
+    _require_at_least(cfg, batch_size=1, grad_accum=1, max_len=1, max_steps=0, save_every=0, keep_checkpoints=0)
     if cfg.epochs <= 0 or cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
     if not cfg.beta > 0 or not 0 <= cfg.label_smoothing < 0.5:  # a negative beta would prefer the loser
@@ -1184,7 +1194,7 @@ def train(cfg, given=()):
                     old.unlink(missing_ok=True)
         elif in_place:  # continuing from an older checkpoint: the later ones belong to the abandoned steps
             for old in checkpoints(out):
-                if int(old.name.split("-", 1)[1]) > resume_step:
+                if _step_of(old) > resume_step:
                     print(f"removing {old}: it is later than step {resume_step}, where this run continues")
                     shutil.rmtree(old)
     barrier()
@@ -1393,9 +1403,8 @@ def toy_reproduction(tc):
     import eval as evaluation
     import trace_gen
 
-    for key in ("n_train", "n_eval", "sft_steps", "sft_batch", "pref_steps", "pref_batch", "max_new_tokens"):
-        if getattr(tc, key) < 1:  # checked here, not minutes later when SFT is done
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(tc, key)}")
+    # checked here, not minutes later when SFT is done
+    _require_at_least(tc, n_train=1, n_eval=1, sft_steps=1, sft_batch=1, pref_steps=1, pref_batch=1, max_new_tokens=1)
     if tc.threads < 0 or not tc.beta > 0 or tc.preset not in PRESETS:
         raise ValueError(f"--threads must be >= 0, --beta > 0 and --preset one of {list(PRESETS)}; got "
                          f"{tc.threads}, {tc.beta}, {tc.preset!r}")

@@ -571,11 +571,12 @@ def checkpoint_files(path):
         index = read_json(path / INDEX_NAME)
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{path / INDEX_NAME}: no 'weight_map' object")
-        where = {name: path / shard for name, shard in index["weight_map"].items()}
+        where = {}
         for name, shard in index["weight_map"].items():
             if not isinstance(shard, str) or Path(shard).name != shard:
                 raise ValueError(f"{path / INDEX_NAME}: shard {shard!r} of tensor {name!r} is not a file name in "
                                  f"that folder")
+            where[name] = path / shard
         for name, file in where.items():
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: shard not found (listed in {path / INDEX_NAME} for tensor {name!r})")
