@@ -30,6 +30,7 @@ What we simplify or leave out:
 
 import argparse
 import contextlib
+import datetime
 import gc
 import hashlib
 import inspect
@@ -589,6 +590,8 @@ class TrainConfig:
     packed_attention: str = "auto"  # with --pack: mask (T x T) | rows (two causal passes) | auto (GPU rows, CPU mask)
     # (rows: model.PackedRows; it won every GPU training run measured, at 2k tokens; the mask is faster at toy lengths)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
+    dist_timeout: float = 60.0  # under torchrun, minutes a process waits for the others before giving up
+    # (rank 0 alone writes checkpoints; a gathered FSDP one of 7B full fine-tuning is ~84 GB: NCCL's default is 10)
     lora_rank: int = 0  # LoRA rank on all linear layers of the blocks; 0 trains every weight (full fine-tuning)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -842,11 +845,11 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def setup_distributed(device):
+def setup_distributed(device, timeout_minutes=60.0):
     if "RANK" not in os.environ or dist.is_initialized():
         return rank_and_world(), device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1119,8 +1122,8 @@ def default_lr(method):
 
 
 # What --resume lets the command line change: how the run is executed, not what it computes (to rounding)
-HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attention", "fsdp", "ref_on_the_fly",
-              "ref_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every")
+HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attention", "fsdp", "dist_timeout",
+              "ref_on_the_fly", "ref_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every")
 
 
 def train(cfg, given=()):
@@ -1152,7 +1155,9 @@ def train(cfg, given=()):
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
     cfg.lr = cfg.lr or default_lr(cfg.method)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    (rank, world), device = setup_distributed(device)
+    if not cfg.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
+    (rank, world), device = setup_distributed(device, cfg.dist_timeout)
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
     if cfg.packed_attention not in ("mask", "rows", "auto"):

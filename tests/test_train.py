@@ -167,6 +167,7 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--dtype", "float16"], "--dtype float32 or bfloat16"),
     (["--beta", "-1"], "--beta must be > 0"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0, got -1"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of minutes, got 0.0"),
 ])
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
