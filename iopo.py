@@ -41,6 +41,7 @@ import random
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -316,10 +317,11 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
                                for s in range(0, len(y), rows)])
         else:
             logps = h.new_zeros(0, dtype=torch.float32)
-    if len(scored) == len(flat_labels):
-        return logps.reshape(labels.shape)
-    out = logps.new_zeros(len(flat_labels)).index_copy(0, scored, logps)
-    return out.reshape(labels.shape)
+    # Filled in place so that the result is not a view: FSDP2 warns when a module returns a view (an in-place
+    # op on one would bypass its backward hook), and the Scorer returns this tensor
+    out = logps.new_zeros(labels.shape)
+    out.view(-1).index_copy_(0, scored, logps)
+    return out
 
 
 def sequence_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto"):
@@ -569,9 +571,9 @@ class TrainConfig:
     data: str = ""  # training file: JSONL (or a JSON array) in the method's format, see data.py
     out: str = "runs/train"  # output folder: metrics.jsonl, checkpoint-N/, final/
     lr: float = 0.0  # peak learning rate; 0 means the paper's: 1e-4 for SFT, 5e-6 for DPO and IOPO
-    epochs: float = 3.0  # passes over the data (the paper: 3); ignored when max_steps > 0
+    epochs: float = 3.0  # passes over the data (the paper: 3), rounded up to whole steps; ignored when max_steps > 0
     max_steps: int = 0  # optimizer steps to run; 0 means derive them from epochs
-    batch_size: int = 1  # instructions per micro-batch (IOPO: 4 sequences each, DPO: 2, SFT: 1)
+    batch_size: int = 1  # instructions per micro-batch over all processes (IOPO: 4 sequences each, DPO: 2, SFT: 1)
     grad_accum: int = 8  # micro-batches per optimizer step (the released config: 1 x 8)
     warmup_ratio: float = 0.1  # share of the steps spent warming up linearly, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay on matrices (never on norms and biases)
@@ -601,7 +603,7 @@ class TrainConfig:
     eval_size: int = 0  # examples held out from --data for that evaluation
     save_every: int = 0  # write a resumable checkpoint every N steps (0: only the final model)
     keep_checkpoints: int = 0  # keep the newest N checkpoints; older ones go once a new one is complete (0: all)
-    resume: str = ""  # checkpoint (or output folder: its latest) to continue as saved; HOW_TO_RUN flags may change
+    resume: str = ""  # checkpoint (or output folder: its latest) to continue with its saved settings (see below)
     skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
     overwrite: bool = False  # start over in an --out that holds an earlier run (its metrics and checkpoints go)
     toy_preset: str = "toy"  # model.PRESETS size for --model toy
@@ -656,7 +658,8 @@ class Scorer(nn.Module):
         weight = self.model.lm_head.weight
         if torch.is_autocast_enabled(hidden.device.type):
             # The head is a matmul like any Linear, so under autocast it runs in the autocast dtype (bfloat16
-            # views of float32 weights; the gradient flows back through the cast). Without this it would follow
+            # copies of the float32 tensors, as autocast makes for every Linear; the gradient flows back
+            # through the cast). Without this it would follow
             # the final norm's float32 output: on an H100 the float32 head took 264 of a 491 ms Qwen2-0.5B step.
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
@@ -1168,7 +1171,14 @@ def train(cfg, given=()):
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
                          + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
                             if resume_dir is not None and "fsdp" not in given else ""))
-    _require_at_least(cfg, batch_size=1, grad_accum=1, max_len=1, max_steps=0, save_every=0, keep_checkpoints=0)
+    _require_at_least(cfg, batch_size=1, grad_accum=1, max_len=1, max_steps=0, save_every=0, keep_checkpoints=0,
+                      ref_batch_size=1, log_every=1, eval_every=0, eval_size=0)
+    # Either alone would be ignored (a resumed run may stop evaluating: its held-out examples stay out)
+    if (cfg.eval_every and not cfg.eval_size) or (cfg.eval_size and not cfg.eval_every and resume_dir is None):
+        raise ValueError(f"--eval-every and --eval-size go together (every N steps, the loss on M held-out "
+                         f"examples); got --eval-every {cfg.eval_every} and --eval-size {cfg.eval_size}")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ValueError(f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")
     if cfg.epochs <= 0 or cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
     if not cfg.beta > 0 or not 0 <= cfg.label_smoothing < 0.5:  # a negative beta would prefer the loser
@@ -1284,9 +1294,16 @@ def train(cfg, given=()):
         for micro in range(cfg.grad_accum):
             positions = next(batches_iter)
             mine = positions[rank::world]  # this process's shard of the global micro-batch
+            # An epoch's last micro-batch may not split evenly: each process weights its batch-mean loss by
+            # its share, so that DDP's average over processes is the mean over the whole micro-batch. A process
+            # left with nothing runs one example weighted 0: every process must join the gradient reduction.
+            weight = len(mine) * world / len(positions)
+            if kind == "sft":  # its loss is already a sum over the global micro-batch's tokens (n_total below)
+                weight = float(weight > 0)
+            mine = mine or positions[:1]
             examples = [train_set[p] for p in mine]
             batch = micro_batch(cfg, examples, tok.pad_token_id, model.config.vocab_size)
-            n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no wait for the GPU
+            n_tokens += int(batch["attention_mask"].sum()) if weight else 0  # counted on the CPU: no GPU wait
             batch = to_device(batch, device, pin)
             if ref_all is not None:
                 ref = pin(ref_all[[train_set.indices[p] for p in mine]]).to(device, non_blocking=True)
@@ -1300,7 +1317,7 @@ def train(cfg, given=()):
                 ref = None
             n_total = None
             if kind == "sft":  # normalise by the tokens of the whole global micro-batch, so ranks agree
-                n_total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+                n_total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() * weight
                 if world > 1:
                     dist.all_reduce(n_total)
                 n_total = n_total.clamp(min=1) / world  # DDP averages gradients over the world
@@ -1309,9 +1326,9 @@ def train(cfg, given=()):
                 ddp.set_requires_gradient_sync(sync)
             with (contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync()):
                 loss, metrics = policy_loss(cfg, ddp, batch, ref, autocast, n_total)
-                (loss / cfg.grad_accum).backward()
+                (loss * (weight / cfg.grad_accum)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+                sums[k] = sums.get(k, 0.0) + v * (weight / cfg.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -1483,8 +1500,12 @@ def _parser(given_only=False):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for method in SEQS_PER_EXAMPLE:
-        _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}"), TrainConfig, skip=("method",),
-                            given_only=given_only)
+        resume_note = textwrap.fill("--resume continues a run with the settings it saved; only these may differ: "
+                                    + ", ".join("--" + k.replace("_", "-") for k in HOW_TO_RUN),
+                                    width=78, break_on_hyphens=False)
+        _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}", epilog=resume_note,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter),
+                            TrainConfig, skip=("method",), given_only=given_only)
     _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig,
                         given_only=given_only)
     return parser

@@ -89,6 +89,30 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
         assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"{m}: 2 processes {two} vs 1 process {one}"
 
 
+def test_uneven_last_micro_batch_matches_one_process(toy, tmp_path):
+    """Across an epoch's end, where the last global micro-batch does not split evenly over 2 processes (19
+    examples in batches of 4: 3 left, shares of 2 and 1) or leaves one process nothing (17: 1 left), the losses
+    and metrics logged equal one process's: each share is weighted by its size, and an empty share runs one
+    example weighted 0 so that the gradient reduction still has every process (DDP, and FSDP for one case)."""
+    folder, paths, base = toy
+    cases = (("sft", 17, False), ("dpo", 17, False), ("iopo", 19, False), ("iopo", 17, False), ("dpo", 17, True))
+    run = lambda method, n, out, **kw: argv(method, base, write_data(tmp_path / f"{method}{n}", n=n)[method],
+                                             tmp_path / out, max_steps=6, grad_accum=1, **kw)
+    for method, n, _ in cases:
+        (tmp_path / f"{method}{n}").mkdir(exist_ok=True)
+    run_ranks([run(m, n, f"two_{m}{n}_{f}", fsdp=f) for m, n, f in cases])
+    logged = lambda out: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                          for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+    for m, n, f in cases:
+        if not (tmp_path / f"one_{m}{n}").exists():
+            iopo.main(run(m, n, f"one_{m}{n}"))
+        one, two = logged(f"one_{m}{n}"), logged(f"two_{m}{n}_{f}")
+        assert len(two) == 6 and [r.keys() for r in two] == [r.keys() for r in one], (m, n, f, two, one)
+        for r1, r2 in zip(one, two):
+            assert r2 == pytest.approx(r1, rel=1e-6, abs=1e-5), \
+                f"{m} on {n} examples, fsdp={f}, step {r1['step']}: 2 processes {r2} vs 1 process {r1}"
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_reference_pass_is_shared(toy, tmp_path, fsdp):
     """The reference table that 2 processes write for 15 examples (shares of 8 and 7, the shorter one topped up
@@ -176,6 +200,19 @@ def test_fsdp_resume_continues_the_run(toy, tmp_path, lora_rank):
                     f"{name} {k}: FSDP vs one process differ by {worst} (largest value {scale})"
 
 
+def test_fsdp_with_compiled_blocks(toy, tmp_path, monkeypatch):
+    """--fsdp --compile on 2 processes (each block compiled, then sharded, so dynamo traces FSDP2's hooks) logs
+    the losses of one eager process. The aot_eager backend, as in test_compiled_blocks_match_eager (the forked
+    processes inherit the patch)."""
+    folder, paths, base = toy
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, **{**kw, "backend": "aot_eager"}))
+    run_ranks([argv("sft", base, paths["sft"], tmp_path / "fsdp", fsdp=True, compile=True)])
+    iopo.main(argv("sft", base, paths["sft"], tmp_path / "one"))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"FSDP + compile {two} vs 1 eager process {one}"
+
+
 def test_fsdp_needs_torchrun():
     """--fsdp in a single process stops with a message that says to run it under torchrun."""
     with pytest.raises(SystemExit, match="torchrun"):
@@ -229,6 +266,7 @@ def _step(net, cfg, batch, ref, packed_attention="mask"):
     net.zero_grad(set_to_none=True)
     scorer = iopo.Scorer(net, packed_attention)
     token_logps = scorer(**batch)
+    assert token_logps._base is None, "the Scorer returned a view (FSDP2 warns: in-place ops on one skip its hooks)"
     loss, metrics = iopo.method_loss(cfg, token_logps, batch["labels"], ref, labels_b=batch.get("labels_b"))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in net.named_parameters()}

@@ -168,6 +168,11 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--beta", "-1"], "--beta must be > 0"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0, got -1"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of minutes, got 0.0"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--ref-batch-size", "0"], "--ref-batch-size must be at least 1, got 0"),
+    (["--eval-size", "4"], "--eval-every and --eval-size go together"),
+    (["--eval-every", "2"], "--eval-every and --eval-size go together"),
+    (["--warmup-ratio", "1.5"], r"--warmup-ratio must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
