@@ -337,13 +337,16 @@ def sequence_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto"):
 # so computing them costs no host-device synchronisation.
 
 
-def sft_loss(token_logps, mask):
-    """Mean negative log-likelihood over response tokens: -sum_t mask_t log p_t / sum_t mask_t (a scalar)."""
-    if mask.shape != token_logps.shape or not bool(((mask == 0) | (mask == 1)).all()):
+def sft_loss(token_logps, mask, n_tokens=None):
+    """Mean negative log-likelihood over response tokens: -sum_t mask_t log p_t / sum_t mask_t (a scalar).
+    n_tokens, when given, is the denominator instead: training passes the scored tokens of the whole global
+    micro-batch, so that every process divides by the same count."""
+    # a bool mask needs no value check (reading the values would make the CPU wait for the GPU)
+    if mask.shape != token_logps.shape or (mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all())):
         raise ValueError(f"sft_loss: mask must be 0/1 (or bool) of token_logps' shape {list(token_logps.shape)}, "
                          f"got shape {list(mask.shape)}")
     mask = mask.to(token_logps.dtype)
-    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+    return -(token_logps * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def _check_pairs(who, beta, label_smoothing, **sums):
@@ -730,9 +733,7 @@ def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=Non
     Packed rows (labels_b given): token_logps (2, R, T-1), the y_a and y_b log-probs of each row."""
     scored = labels[:, 1:] != IGNORE_INDEX  # (R, T-1)
     if cfg.method == "sft":
-        nll = -(token_logps * scored).sum()
-        denom = n_tokens_total if n_tokens_total is not None else scored.sum().clamp(min=1)
-        return nll / denom, {}
+        return sft_loss(token_logps, scored, n_tokens_total), {}
     logps, n = sequence_sums(cfg, token_logps, labels, labels_b)
     if labels_b is not None and cfg.method == "iopo" and cfg.variant == "three_seq":
         # a packed row computes (x2, y2) along with (x2, y1); three_seq does not use it
