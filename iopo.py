@@ -635,12 +635,9 @@ class Scorer(nn.Module):
     padding mask (an explicit mask would take SDPA off its flash kernel).
 
     packed_attention: how y_b is kept from seeing y_a in a packed row: "mask", an explicit (R, 1, T, T) mask
-    (one attention call, no causal shortcut), or "rows", two causal calls (model.PackedRows), which skip the
-    masked half but compute x's attention twice. Which is faster depends on the lengths and the kernels: on
-    the CPU "rows" loses at 500 tokens (1.4-1.5x the mask's time) and wins at 1,400 (0.8x); on an H100, where
-    the mask also rules out flash attention, "rows" took 0.42x the mask's attention time at 1,280 + 2 x 768
-    tokens, and that was its first version, which attended over the whole row in the first pass (README,
-    `bench.py --attention`). train() picks rows on a GPU and mask on the CPU unless told."""
+    (one attention call, no causal shortcut, and on a GPU no flash kernel), or "rows", two causal calls
+    (model.PackedRows) that skip the masked half. Which is faster depends on the lengths and the kernels
+    (README, `bench.py --attention`): train() picks rows on a GPU and mask on the CPU unless told."""
 
     def __init__(self, model, packed_attention="mask"):
         super().__init__()
@@ -1262,7 +1259,9 @@ def train(cfg, given=()):
         start = load_trainer_state(resume_dir, optimizer, sampler, rank, device)
         if is_main():
             print(f"resumed from {resume_dir} at step {start}")
-    ddp = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
+    # What the step calls: DDP's wrapper (it averages gradients in backward), or the Scorer itself (one
+    # process, or FSDP, which sharded it in place)
+    net = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
     if is_main():
         write_json_atomic(out / "config.json", asdict(cfg))
         if start == 0 and (out / "metrics.jsonl").exists():
@@ -1324,9 +1323,9 @@ def train(cfg, given=()):
                 n_total = n_total.clamp(min=1) / world  # DDP averages gradients over the world
             sync = world == 1 or micro == cfg.grad_accum - 1
             if cfg.fsdp:  # reduce-scatter the gradients only after the last micro-batch
-                ddp.set_requires_gradient_sync(sync)
-            with (contextlib.nullcontext() if sync or cfg.fsdp else ddp.no_sync()):
-                loss, metrics = policy_loss(cfg, ddp, batch, ref, autocast, n_total)
+                net.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or cfg.fsdp else net.no_sync()):
+                loss, metrics = policy_loss(cfg, net, batch, ref, autocast, n_total)
                 (loss * (weight / cfg.grad_accum)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * (weight / cfg.grad_accum)
