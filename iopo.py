@@ -1019,19 +1019,23 @@ def build_toy(cfg, examples, kind):
 
 
 def evaluate_loss(scorer, dataset, ref, cfg, device, autocast):
-    """Mean loss and metrics over a held-out dataset, no gradients (batch means averaged over batches)."""
-    totals, n_batches = {}, 0
+    """Loss and metrics over a held-out dataset, no gradients, as if it were one batch (so the batch size does
+    not change them): DPO / IOPO average over its examples, SFT's NLL over all its response tokens."""
+    totals, count = {}, 0
+    sft = cfg.method == "sft"
     with torch.no_grad():
         for s in range(0, len(dataset), cfg.batch_size):
             idx = list(range(s, min(s + cfg.batch_size, len(dataset))))
             batch = micro_batch(cfg, [dataset[i] for i in idx], dataset.tokenizer.pad_token_id,
                                 scorer.model.config.vocab_size)
+            # SFT: a denominator of 1 gives the batch's NLL sum; the set's token count divides it at the end
             loss, metrics = policy_loss(cfg, scorer, to_device(batch, device), None if ref is None
-                                        else ref[idx].to(device), autocast)
+                                        else ref[idx].to(device), autocast, 1.0 if sft else None)
+            weight = 1 if sft else len(idx)
             for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            n_batches += 1
-    return {f"eval/{k}": v / n_batches for k, v in totals.items()}
+                totals[k] = totals.get(k, 0.0) + float(v) * weight
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if sft else len(idx)
+    return {f"eval/{k}": v / count for k, v in totals.items()}
 
 
 def place_scorer(scorer, cfg, frozen=False):

@@ -1,5 +1,6 @@
 """Training (iopo.py): each method learns on a tiny model, LoRA, cached reference log-probs, exact resume, clean stops."""
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 import iopo
 import model as M
-from data import DataError
+from data import DataError, EncodedDataset, RecordFile
 
 WORDS = "apple river mountain cloud green blue quick slow happy tiny large music garden story".split()
 
@@ -112,6 +113,20 @@ def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank
     assert len(runs[True]) == 4 + 2, f"expected 4 losses and 2 held-out losses, got {runs[True]}"
     assert runs[False] == pytest.approx(runs[True], rel=1e-6, abs=1e-7), runs
     assert any((tmp_path / "ref_cache").glob(f"{method}-*.safetensors")), "the cache file should exist"
+
+
+@pytest.mark.parametrize("method", ["sft", "iopo"])
+def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
+    """evaluate_loss over 7 examples gives the same loss and metrics in batches of 3 (3 + 3 + 1) as in one
+    batch: DPO / IOPO average over examples, SFT over response tokens (a mean of batch means would not)."""
+    folder, paths, base = toy_dir
+    net = iopo.Scorer(M.load_model(base))
+    dataset = EncodedDataset(RecordFile(str(paths[method]), method), method, M.load_tokenizer(base))
+    subset = dataset.select(range(7))
+    ref = None if method == "sft" else -30 * torch.rand(7, 4, generator=torch.Generator().manual_seed(0))
+    got = {b: iopo.evaluate_loss(net, subset, ref, iopo.TrainConfig(method=method, batch_size=b), torch.device("cpu"),
+                                 contextlib.nullcontext) for b in (3, 7)}
+    assert got[3].keys() == got[7].keys() and got[3] == pytest.approx(got[7], rel=1e-5), got
 
 
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
