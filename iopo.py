@@ -658,9 +658,9 @@ class Scorer(nn.Module):
         weight = self.model.lm_head.weight
         if torch.is_autocast_enabled(hidden.device.type):
             # The head is a matmul like any Linear, so under autocast it runs in the autocast dtype (bfloat16
-            # copies of the float32 tensors, as autocast makes for every Linear; the gradient flows back
-            # through the cast). Without this it would follow
-            # the final norm's float32 output: on an H100 the float32 head took 264 of a 491 ms Qwen2-0.5B step.
+            # copies of the float32 tensors, as autocast makes for every Linear; the gradient flows back through
+            # the cast). Without this it would follow the final norm's float32 output: on an H100 the float32
+            # head took 264 of a 491 ms Qwen2-0.5B step.
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         elif weight.dtype != hidden.dtype:
