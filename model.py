@@ -12,8 +12,9 @@ What we simplify or leave out:
    in a config.json is refused with an error rather than silently run wrong.
 2. The KV cache keeps every position, also outside a sliding window (the mask hides them); no rolling buffer.
 3. The chat template is not run through jinja: we recognise the two families (ChatML, Llama 3) from the
-   template string in tokenizer_config.json and render them in Python. Tools and multimodal content are not
-   supported. Tests check our ids against the ids transformers produces from the real templates.
+   template string in tokenizer_config.json and render them in Python. Tool turns, templates with <think>
+   reasoning blocks (QwQ) and multimodal content are refused. Tests check our ids against the ids transformers
+   produces from the real templates.
 4. The forward pass returns final-norm hidden states, never logits: the losses need only the rows of
    `hidden @ lm_head.weight.T` at the response tokens, and iopo.py computes them chunk by chunk.
 """
@@ -124,6 +125,10 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
             raise ValueError(f"{source}: only a bias-free SiLU MLP is supported (hidden_act={hf.get('hidden_act')!r}, "
                              f"mlp_bias={hf.get('mlp_bias')!r})")
+        quant = hf.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise ValueError(f"{source}: quantized checkpoints ({method} in quantization_config) are not supported")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf:
                 raise ValueError(f"{source}: required field {key!r} is missing")
@@ -139,6 +144,9 @@ class ModelConfig:
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         if rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        if rope_type == "default" and "factor" in rope:
+            raise ValueError(f"{source}: RoPE scaling has a factor but no type (rope_type / type); which scaling "
+                             f"is meant is not known")
         if rope_type == "default":
             rope_scaling = None
         elif rope_type in ROPE_TYPES:
@@ -158,6 +166,14 @@ class ModelConfig:
             max_window_layers = hf.get("max_window_layers", 28)
         elif model_type == "llama":
             window = None
+        # transformers >= 4.53 also writes the outcome per layer; a list that says otherwise is not supported
+        types = hf.get("layer_types")
+        if types is not None:
+            want = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+                    for i in range(hf["num_hidden_layers"])]
+            if types != want:
+                raise ValueError(f"{source}: layer_types {types} differs from what sliding_window, use_sliding_window "
+                                 f"and max_window_layers give ({want}); other per-layer patterns are not supported")
 
         heads = hf["num_attention_heads"]
         try:  # ModelConfig checks the values in __post_init__; say which file they came from
@@ -567,7 +583,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def checkpoint_files(path):
     """{tensor name: file} for a folder, reading only the safetensors headers (never the data)."""
     path = Path(path)
-    if (path / INDEX_NAME).is_file():
+    if (path / WEIGHTS_NAME).is_file():  # one file: its header is the list (preferred to an index, as by transformers)
+        where = dict.fromkeys(safetensors_keys(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+    elif (path / INDEX_NAME).is_file():
         index = read_json(path / INDEX_NAME)
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{path / INDEX_NAME}: no 'weight_map' object")
@@ -584,8 +602,6 @@ def checkpoint_files(path):
             present = set(safetensors_keys(file))
             for name in (n for n, f in where.items() if f == file and n not in present):
                 raise ValueError(f"missing tensor {name!r}: not in {file} (where {INDEX_NAME} says it is)")
-    elif (path / WEIGHTS_NAME).is_file():  # one file: its header is the list
-        where = dict.fromkeys(safetensors_keys(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
     return where
@@ -717,8 +733,21 @@ def save_model(model, path, tokenizer_dir=None, max_shard_bytes=2 * 1024**3):
 # -----------------------------------------------------------------------------
 # Tokenizer and chat template (ChatML and Llama 3 families, rendered without jinja)
 
-CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>")
+JINJA_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")  # a quoted literal, escapes kept
+CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
 LLAMA31_DATE = re.compile(r"set date_string = \"([^\"]+)\"")
+
+
+def chatml_default_system(template):
+    """The system message a ChatML template writes when the conversation has none (Qwen2's "You are a helpful
+    assistant."), or None. It is the first string literal in the template that holds a whole system turn;
+    the literal's escapes are read as jinja reads them (\\n, \\\\, \\', ...), so any text fits, braces included."""
+    for single, double in JINJA_STRING.findall(template):
+        text = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m[1], m[1]), single or double)
+        found = CHATML_DEFAULT_SYSTEM.search(text)
+        if found:
+            return found[1]
+    return None
 
 
 class Tokenizer:
@@ -782,8 +811,7 @@ class Tokenizer:
 
         # What the template adds on its own: ChatML's default system message (Qwen2, SmolLM2), and the
         # knowledge-date system header of Llama 3.1 (always present; "Today Date" as the template sets it)
-        found = CHATML_DEFAULT_SYSTEM.search(template) if self.family == "chatml" else None
-        self.default_system = found.group(1).replace("\\n", "\n") if found else None
+        self.default_system = chatml_default_system(template) if self.family == "chatml" else None
         self.date_header = None
         if self.family == "llama3" and "Cutting Knowledge Date" in template:
             if "strftime_now" in template:  # Llama 3.2: transformers passes today's date
@@ -818,6 +846,12 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
+            if m["role"] not in ("system", "user", "assistant"):  # templates render tool turns their own way
+                raise ValueError(f"message {i} has role {m['role']!r}; only system, user and assistant turns are "
+                                 f"rendered (tools are not supported)")
+        if "<think>" in self.chat_template:  # QwQ's opens one after the prompt and strips them from past answers
+            raise ValueError(f"{self.source}: the chat template writes <think> reasoning blocks, which this "
+                             f"renderer does not reproduce; only plain ChatML and Llama 3 templates are rendered")
         if self.family == "chatml":
             text = ""
             if self.default_system is not None and messages[0]["role"] != "system":

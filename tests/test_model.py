@@ -131,6 +131,10 @@ def test_config_layouts_agree():
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer or null, got 0"),
     ({"rope_scaling": {"rope_type": "linear"}}, r"RoPE scaling 'linear' needs numbers for \['factor'\]"),
     ({"rope_scaling": "linear"}, "rope_scaling / rope_parameters must be an object"),
+    ({"rope_scaling": {"factor": 4.0}}, "RoPE scaling has a factor but no type"),
+    ({"quantization_config": {"quant_method": "fp8"}}, r"quantized checkpoints \(fp8 in quantization_config\)"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0,
+      "layer_types": ["full_attention", "sliding_attention"]}, "layer_types .* differs from what sliding_window"),
 ])
 def test_config_errors(change, message, tmp_path):
     """Unsupported or inconsistent config.json contents are refused with a message naming the file and field."""
@@ -292,6 +296,18 @@ def test_dtype_and_float_checks(tmp_path):
         M.load_model(d)
 
 
+def test_single_file_wins_over_an_index(tiny_model, tmp_path):
+    """A folder holding both model.safetensors and a shard index loads the single file, as transformers does."""
+    M.save_model(tiny_model, tmp_path / "sharded", max_shard_bytes=20_000)
+    other = M.load_model(tmp_path / "sharded")
+    with torch.no_grad():
+        other.model.norm.weight.fill_(3.0)
+    M.save_model(other, tmp_path / "single")
+    shutil.copy(tmp_path / "single" / M.WEIGHTS_NAME, tmp_path / "sharded" / M.WEIGHTS_NAME)
+    loaded = M.load_model(tmp_path / "sharded")
+    assert bool((loaded.model.norm.weight == 3.0).all()), "the shards were loaded, not model.safetensors"
+
+
 def test_index_shards_stay_in_the_folder(tmp_path):
     """An index that points a tensor outside its folder is refused."""
     d = copy_fixture("llama_sharded_bf16", tmp_path)
@@ -423,6 +439,22 @@ def test_tokenizer_family_and_specials(kind, family, default_system, end_of_turn
         assert (tok.bos_token_id, tok.date_header) == (0, "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
 
 
+def test_default_system_message_with_braces_and_escapes(tmp_path):
+    """A default system message holding braces and escapes (Qwen2.5-Math's "... within \\boxed{}.", put into
+    the Qwen2.5 template) is read as jinja reads the literal, and rendered when no system turn is given."""
+    template = json.loads((FIXTURES / "chat" / "templates.json").read_text())["qwen2_5"]
+    math = template.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                            "Please reason step by step, and put your final answer within \\\\boxed{}.")
+    assert math != template, "the fixture template no longer holds Qwen2.5's default system message"
+    shutil.copytree(FIXTURES / "chat" / "qwen2_5", tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": math}))
+    tok = M.load_tokenizer(tmp_path / "tok")
+    want = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+            "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.render_chat([{"role": "user", "content": "What is 1+1?"}]) == want
+
+
 def test_chatml_fixture_tokenizer(chatml_tokenizer_dir):
     """The conftest tokenizer: encode/decode round trip, ChatML ids, no BOS added, pad and eos as documented."""
     tok = M.load_tokenizer(chatml_tokenizer_dir)
@@ -436,7 +468,8 @@ def test_chatml_fixture_tokenizer(chatml_tokenizer_dir):
 
 
 def test_tokenizer_errors(tmp_path):
-    """Missing tokenizer.json, an unknown special token and a bad message are errors naming the file or field."""
+    """Missing tokenizer.json, an unknown special token, a bad message, a tool turn and a <think> template are
+    errors naming the file or field."""
     with pytest.raises(FileNotFoundError, match="tokenizer.json: file not found"):
         M.load_tokenizer(tmp_path)
     shutil.copy(FIXTURES / "chat" / "qwen2" / "tokenizer.json", tmp_path / "tokenizer.json")
@@ -449,6 +482,11 @@ def test_tokenizer_errors(tmp_path):
     tok = M.load_tokenizer(FIXTURES / "chat" / "qwen2")
     with pytest.raises(ValueError, match="message 0 needs string 'role' and 'content'"):
         tok.apply_chat_template([{"role": "user"}])
+    with pytest.raises(ValueError, match="message 1 has role 'tool'; only system, user and assistant"):
+        tok.render_chat([{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}])
+    tok.chat_template += "{{- '<|im_start|>assistant\\n<think>\\n' }}"  # as QwQ's generation prompt ends
+    with pytest.raises(ValueError, match="qwen2: the chat template writes <think> reasoning blocks"):
+        tok.render_chat([{"role": "user", "content": "Hi"}])
 
 
 # -----------------------------------------------------------------------------
