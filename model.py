@@ -12,7 +12,8 @@ What we simplify or leave out:
    in a config.json is refused with an error rather than silently run wrong.
 2. The KV cache keeps every position, also outside a sliding window (the mask hides them); no rolling buffer.
 3. The chat template is not run through jinja: we recognise the two families (ChatML, Llama 3) from the
-   template string in tokenizer_config.json and render them in Python. Tool turns, templates with <think>
+   template string in tokenizer_config.json and render them in Python, with what the template adds by itself
+   (Qwen2's default system message, Llama 3.1's date header). Tool turns, templates with <think>
    reasoning blocks (QwQ) and multimodal content are refused. Tests check our ids against the ids transformers
    produces from the real templates.
 4. The forward pass returns final-norm hidden states, never logits: the losses need only the rows of
