@@ -956,9 +956,10 @@ def whole_model(model, cfg, lora, load_dtype):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():
         return None
-    whole = load_model(cfg.model, dtype=load_dtype)
-    if lora:
-        add_lora(whole, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    with torch.random.fork_rng(devices=[]):  # add_lora draws A matrices: rank 0's dropout stream must not move
+        whole = load_model(cfg.model, dtype=load_dtype)
+        if lora:
+            add_lora(whole, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     whole.load_state_dict(state, strict=True)
     return whole
 

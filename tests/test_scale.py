@@ -132,12 +132,14 @@ def test_reference_pass_is_shared(toy, tmp_path, fsdp):
     torch.testing.assert_close(tables["two"], tables["one"], rtol=0, atol=1e-4)
 
 
-def test_ddp_resume_continues_the_run(toy, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_ddp_resume_continues_the_run(toy, tmp_path, fsdp):
     """Under 2 processes (LoRA with dropout: each its own random masks), resuming from the step-2 checkpoint
-    logs exactly the uninterrupted run's later losses."""
+    logs exactly the uninterrupted run's later losses; with --fsdp too, where rank 0 builds the whole model
+    to save it (which must not move its random generator)."""
     folder, paths, base = toy
     full = argv("iopo", base, paths["iopo"], tmp_path / "full", max_steps=4, save_every=2, lora_rank=4,
-                lora_dropout=0.3)
+                lora_dropout=0.3, fsdp=fsdp)
     resumed = ["iopo", "--data", paths["iopo"], "--out", str(tmp_path / "resumed"),
                "--resume", str(tmp_path / "full" / "checkpoint-2")]
     run_ranks([full, resumed])
