@@ -1132,52 +1132,48 @@ HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attenti
               "ref_on_the_fly", "ref_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every")
 
 
-def train(cfg, given=()):
-    """Run one training job; returns the folder of the final Hugging Face model. With cfg.resume the
-    checkpoint's saved config decides, except `out` and the HOW_TO_RUN fields named in `given` (main passes
-    the flags on its command line); any other field in `given` must match the saved value."""
+def resolve_resume(cfg, given=()):
+    """(config, checkpoint folder, its step). With cfg.resume, the checkpoint's saved config decides, except
+    `out` and the HOW_TO_RUN fields named in `given` (main passes the flags on its command line); any other
+    field in `given` must match the saved value. Without it: (cfg, None, 0)."""
+    if not cfg.resume:
+        return cfg, None, 0
+    resume_dir = latest_checkpoint(cfg.resume)
+    state = json.loads((resume_dir / "trainer_state.json").read_text())
+    saved = state["config"]
+    # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
+    typed = {k: getattr(cfg, k) for k in given}
+    if typed.get("model") == "toy":
+        typed["model"] = str(Path(saved["out"]) / "base")
+    if typed.get("lr") == 0:
+        typed["lr"] = default_lr(cfg.method)
+    differ = [k for k in typed if k not in HOW_TO_RUN + ("out", "resume") and typed[k] != saved.get(k)]
+    if differ:
+        raise ValueError(f"--resume {cfg.resume} continues the saved run, which has "
+                         + ", ".join(f"{k}={saved.get(k)!r} (given: {typed[k]!r})" for k in differ)
+                         + f"; only {', '.join(HOW_TO_RUN)} may change (drop the others, or start a new run)")
+    cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in HOW_TO_RUN},
+                         "out": cfg.out, "resume": cfg.resume})
+    return cfg, resume_dir, state["step"]
+
+
+def check_settings(cfg, resuming):
+    """Stop at the first setting that is out of range or inconsistent, naming its flag, before anything is
+    loaded or written."""
     if cfg.method not in SEQS_PER_EXAMPLE:
         raise ValueError(f"method must be sft, dpo or iopo, got {cfg.method!r}")
     if cfg.variant not in IOPO_VARIANTS:
         raise ValueError(f"variant must be one of {IOPO_VARIANTS}, got {cfg.variant!r}")
-    resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
-    if resume_dir is not None:  # the saved resolved config decides everything but where to write and how to run
-        state = json.loads((resume_dir / "trainer_state.json").read_text())
-        saved, resume_step = state["config"], state["step"]
-        # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
-        typed = {k: getattr(cfg, k) for k in given}
-        if typed.get("model") == "toy":
-            typed["model"] = str(Path(saved["out"]) / "base")
-        if typed.get("lr") == 0:
-            typed["lr"] = default_lr(cfg.method)
-        differ = [k for k in typed if k not in HOW_TO_RUN + ("out", "resume") and typed[k] != saved.get(k)]
-        if differ:
-            raise ValueError(f"--resume {cfg.resume} continues the saved run, which has "
-                             + ", ".join(f"{k}={saved.get(k)!r} (given: {typed[k]!r})" for k in differ)
-                             + f"; only {', '.join(HOW_TO_RUN)} may change (drop the others, or start a new run)")
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in HOW_TO_RUN},
-                             "out": cfg.out, "resume": cfg.resume})
     if not cfg.data:
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
-    cfg.lr = cfg.lr or default_lr(cfg.method)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not cfg.dist_timeout > 0:
-        raise ValueError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
-    (rank, world), device = setup_distributed(device, cfg.dist_timeout)
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
     if cfg.packed_attention not in ("mask", "rows", "auto"):
         raise ValueError(f"--packed-attention must be mask, rows or auto, got {cfg.packed_attention!r}")
-    packed_attention = {"auto": "rows" if device.type == "cuda" else "mask"}.get(cfg.packed_attention,
-                                                                                cfg.packed_attention)
-    if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
-                         + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
-                            if resume_dir is not None and "fsdp" not in given else ""))
     _require_at_least(cfg, batch_size=1, grad_accum=1, max_len=1, max_steps=0, save_every=0, keep_checkpoints=0,
                       ref_batch_size=1, log_every=1, eval_every=0, eval_size=0)
     # Either alone would be ignored (a resumed run may stop evaluating: its held-out examples stay out)
-    if (cfg.eval_every and not cfg.eval_size) or (cfg.eval_size and not cfg.eval_every and resume_dir is None):
+    if (cfg.eval_every and not cfg.eval_size) or (cfg.eval_size and not cfg.eval_every and not resuming):
         raise ValueError(f"--eval-every and --eval-size go together (every N steps, the loss on M held-out "
                          f"examples); got --eval-every {cfg.eval_every} and --eval-size {cfg.eval_size}")
     if not 0 <= cfg.warmup_ratio <= 1:
@@ -1186,6 +1182,24 @@ def train(cfg, given=()):
         raise ValueError(f"--epochs must be positive and --dtype float32 or bfloat16; got {cfg.epochs}, {cfg.dtype!r}")
     if not cfg.beta > 0 or not 0 <= cfg.label_smoothing < 0.5:  # a negative beta would prefer the loser
         raise ValueError(f"--beta must be > 0 and --label-smoothing in [0, 0.5); got {cfg.beta}, {cfg.label_smoothing}")
+    if not cfg.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
+
+
+def train(cfg, given=()):
+    """Run one training job; returns the folder of the final Hugging Face model. With cfg.resume, see
+    resolve_resume for which settings come from the checkpoint."""
+    cfg, resume_dir, resume_step = resolve_resume(cfg, given)
+    check_settings(cfg, resume_dir is not None)
+    cfg.lr = cfg.lr or default_lr(cfg.method)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    (rank, world), device = setup_distributed(device, cfg.dist_timeout)
+    packed_attention = {"auto": "rows" if device.type == "cuda" else "mask"}.get(cfg.packed_attention,
+                                                                                cfg.packed_attention)
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun with 2 or more"
+                         + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
+                            if resume_dir is not None and "fsdp" not in given else ""))
     out = Path(cfg.out)
     earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
     in_place = resume_dir is not None and out.resolve() == resume_dir.parent.resolve()  # --resume OUT --out OUT
