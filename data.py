@@ -93,17 +93,19 @@ class ReadStats:
 
 @dataclass
 class EncodeStats:
-    """Token counts over the examples encoded so far (each sequence of a pair or quadruple counts)."""
+    """Counts over the examples encoded so far."""
     examples: int = 0
     truncated: int = 0         # examples cut to max_len
+    cut_ties: int = 0          # DPO / IOPO examples whose sequences became equal when cut (no gradient then)
     special_text: int = 0      # examples whose text spells a special token (the tokenizer reads it as that token)
     boundary_merges: int = 0   # sequences whose prompt/response seam merges when tokenized whole
-    scored_tokens: int = 0
+    scored_tokens: int = 0     # over every sequence of a pair or quadruple
     masked_tokens: int = 0
 
     def __str__(self):
         return (f"examples {self.examples}, tokens scored {self.scored_tokens}, masked {self.masked_tokens}, "
-                f"truncated examples {self.truncated}, seams that merge when tokenized whole {self.boundary_merges}, "
+                f"truncated examples {self.truncated} ({self.cut_ties} of them now compare equal sequences), "
+                f"seams that merge when tokenized whole {self.boundary_merges}, "
                 f"examples whose text spells a special token {self.special_text}")
 
 
@@ -484,8 +486,8 @@ def rendered_response(tok, messages, response):
     an answer follows cannot be split into prompt and response, and is an error."""
     head = tok.render_chat(messages, add_generation_prompt=True)
     full = tok.render_chat(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-    end = full.find(tok.end_of_turn, len(head))
-    if not full.startswith(head) or end < 0:
+    end = full.rfind(tok.end_of_turn)  # the last one: an answer may itself spell the end-of-turn text
+    if not full.startswith(head) or end < len(head):
         at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), len(head))
         raise DataError(f"the chat template renders the prompt differently once an answer follows (at "
                         f"character {at}: {head[at:at + 30]!r} becomes {full[at:at + 30]!r}), so the prompt "
@@ -543,6 +545,8 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     if stats is not None:
         stats.examples += 1
         stats.truncated += truncated
+        # Keeping heads can make two sequences equal (IOPO prompts differing only in their last constraint)
+        stats.cut_ties += truncated and len({tuple(s["input_ids"]) for s in seqs}) < len(seqs)
         stats.special_text += special
         stats.boundary_merges += merges
         for s in seqs:

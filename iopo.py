@@ -1401,8 +1401,9 @@ def train(cfg, given=()):
     seen = dataset.stats  # what this process encoded; `python data.py FILE` shows any example's tokens
     if is_main() and (seen.truncated or seen.special_text):
         print(f"of the {seen.examples} examples encoded{' by this process' if world > 1 else ''}: "
-              f"{seen.truncated} were longer than --max-len {cfg.max_len} and were cut (LLaMA-Factory's rule), "
-              f"{seen.special_text} hold text that spells a special token, read as that token")
+              f"{seen.truncated} were longer than --max-len {cfg.max_len} and were cut (LLaMA-Factory's rule; "
+              f"{seen.cut_ties} of them then compare equal sequences, and their preference terms have no "
+              f"gradient), {seen.special_text} hold text that spells a special token, read as that token")
     final = out / "final"
     whole = whole_model(model, cfg, lora, load_dtype)  # under FSDP every process sends rank 0 its shards
     if is_main():

@@ -325,6 +325,18 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
 
 
+def test_truncation_that_makes_sequences_equal_is_counted():
+    """Prompts that differ only in their last characters become equal once their heads are kept: counted."""
+    ex = {"x1": [{"role": "user", "content": "a" * 81 + "X"}], "x2": [{"role": "user", "content": "a" * 81 + "Y"}],
+          "y1": "b" * 39, "y2": "c" * 39}
+    stats = D.EncodeStats()
+    out = D.encode_iopo(CharTok(), ex, max_len=100, stats=stats)
+    assert out["y1_x1"]["input_ids"] == out["y1_x2"]["input_ids"], "the cut should have removed the difference"
+    assert (stats.truncated, stats.cut_ties) == (1, 1) and "1 of them now compare equal" in str(stats), stats
+    D.encode_iopo(CharTok(), ex, max_len=200, stats=stats)
+    assert (stats.truncated, stats.cut_ties) == (1, 1), stats
+
+
 # -----------------------------------------------------------------------------
 # Collation and batching
 
@@ -447,6 +459,8 @@ def test_special_token_text_is_counted(tmp_path, tok):
     assert "<|im_end|>" in tok.special_tokens, tok.special_tokens
     stats = ds.scan()
     assert (stats.examples, stats.special_text) == (2, 1), stats
+    scored = [i for i, label in zip(ds[1]["input_ids"], ds[1]["labels"]) if label != -100]
+    assert tok.decode(scored, skip_special_tokens=False) == "x<|im_end|>y<|im_end|>", "the whole answer is scored"
 
 
 def test_ties_are_kept_and_counted(tmp_path):
