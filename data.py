@@ -10,6 +10,7 @@ Formats read (one JSON object per line, or a JSON array of objects as LLaMA-Fact
   DPO    {"prompt": str|messages, "chosen": str, "rejected": str}  (TRL's layout; sharegpt too)
   IOPO   {"x1", "y1", "x2", "y2"}, or the authors' sharegpt layout: "conversations" = two human turns
          x1 and x2, "chosen" = y1, "rejected" = y2 (the correct answer to x2)
+  Any of these may carry a top-level "system" string (sharegpt's field): it opens every prompt.
   TRACE  evaluation items: id, messages, description, constraints, input, constraints_num,
          constraints_splits, levels2, category (SPEC section 3), plus "checks"/"reference" from trace_gen.
 
@@ -27,8 +28,9 @@ Simplifications and departures:
   3. No packing of several examples into one row (only the two answers to one prompt share a row, with
      the trainer's --pack: collate_packed), no multimodal inputs, no tool calls.
   4. Kept but counted, as LLaMA-Factory keeps them silently: ties (DPO pairs with equal answers, IOPO
-     quadruples with equal prompts or answers: ReadStats.ties) and text that spells a special token, which
-     the tokenizer reads as that token (EncodeStats.special_text).
+     quadruples with equal prompts or answers: ReadStats.ties; and those that truncation makes:
+     EncodeStats.cut_ties) and text that spells a special token, which the tokenizer reads as that token
+     (EncodeStats.special_text).
 """
 
 import argparse
@@ -196,7 +198,17 @@ def _response(value, key):
 
 
 def _extras(rec, used):
-    return {k: v for k, v in rec.items() if k not in used}
+    return {k: v for k, v in rec.items() if k not in used and k != "system"}
+
+
+def _with_system(rec, msgs):
+    """LLaMA-Factory's sharegpt layout keeps the system prompt in a top-level "system" field ("" for none):
+    it becomes the first turn."""
+    if rec.get("system") in (None, ""):
+        return msgs
+    if msgs[0]["role"] == "system":
+        raise _Bad('the system prompt is given twice: in "system" and as the first turn')
+    return [{"role": "system", "content": _text(rec["system"], ("system",))}] + msgs
 
 
 def normalize_sft(rec):
@@ -208,9 +220,9 @@ def normalize_sft(rec):
             raise _Bad(f'"{key}" should end with an assistant turn, ends with a {msgs[-1]["role"]} turn')
         if len(msgs) < 2:
             raise _Bad(f'"{key}" needs a prompt turn before the assistant turn')
-        return {"messages": msgs, **_extras(rec, {key})}
+        return {"messages": _with_system(rec, msgs), **_extras(rec, {key})}
     if "prompt" in rec or "response" in rec:
-        prompt = _prompt(_get(rec, "prompt"), "prompt")
+        prompt = _with_system(rec, _prompt(_get(rec, "prompt"), "prompt"))
         response = _response(_get(rec, "response"), "response")
         return {"messages": prompt + [{"role": "assistant", "content": response}],
                 **_extras(rec, {"prompt", "response"})}
@@ -220,7 +232,7 @@ def normalize_sft(rec):
 def normalize_dpo(rec):
     """{"prompt": messages, "chosen": str, "rejected": str}; sharegpt's "conversations" names the prompt."""
     key = "conversations" if "conversations" in rec and "prompt" not in rec else "prompt"
-    return {"prompt": _prompt(_get(rec, key), key),
+    return {"prompt": _with_system(rec, _prompt(_get(rec, key), key)),
             "chosen": _response(_get(rec, "chosen"), "chosen"),
             "rejected": _response(_get(rec, "rejected"), "rejected"),
             **_extras(rec, {key, "chosen", "rejected"})}
@@ -229,7 +241,7 @@ def normalize_dpo(rec):
 def normalize_iopo(rec):
     """{"x1", "y1", "x2", "y2"} from our layout or the authors' sharegpt layout."""
     if "conversations" in rec:
-        turns = _messages(rec["conversations"], "conversations")
+        turns = _with_system(rec, _messages(rec["conversations"], "conversations"))
         system = turns[:1] if turns[0]["role"] == "system" else []
         asks = turns[len(system):]
         if len(asks) != 2 or any(t["role"] != "user" for t in asks):
@@ -238,8 +250,8 @@ def normalize_iopo(rec):
         return {"x1": system + asks[:1], "y1": _response(_get(rec, "chosen"), "chosen"),
                 "x2": system + asks[1:], "y2": _response(_get(rec, "rejected"), "rejected"),
                 **_extras(rec, {"conversations", "chosen", "rejected"})}
-    return {"x1": _prompt(_get(rec, "x1"), "x1"), "y1": _response(_get(rec, "y1"), "y1"),
-            "x2": _prompt(_get(rec, "x2"), "x2"), "y2": _response(_get(rec, "y2"), "y2"),
+    return {"x1": _with_system(rec, _prompt(_get(rec, "x1"), "x1")), "y1": _response(_get(rec, "y1"), "y1"),
+            "x2": _with_system(rec, _prompt(_get(rec, "x2"), "x2")), "y2": _response(_get(rec, "y2"), "y2"),
             **_extras(rec, {"x1", "y1", "x2", "y2"})}
 
 
@@ -393,9 +405,9 @@ def sniff_kind(path):
         if "constraints_splits" in keys:
             return "trace"
         if keys & {"chosen", "rejected"}:
-            turns = raw.get("conversations")
-            two_asks = isinstance(turns, list) and sum(
-                isinstance(t, dict) and t.get("from", t.get("role")) in ("human", "user") for t in turns) == 2
+            # the authors' IOPO layout: two human turns (x1, x2) and no answer between them
+            roles = [t.get("from", t.get("role")) for t in raw.get("conversations") or [] if isinstance(t, dict)]
+            two_asks = sum(r in ("human", "user") for r in roles) == 2 and not {"gpt", "assistant"} & set(roles)
             return "iopo" if two_asks else "dpo"
         if keys & {"messages", "conversations", "prompt"}:
             return "sft"

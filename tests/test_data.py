@@ -105,6 +105,26 @@ def test_read_iopo_ours_and_authors_layout(tmp_path):
     assert (second["y1"], second["y2"]) == ("the nile", "THE NILE")
 
 
+def test_top_level_system_field_becomes_the_first_turn(tmp_path):
+    """LLaMA-Factory's sharegpt "system" field opens every prompt of the record ("" means none); a system prompt
+    given both ways is an error."""
+    conv = [{"from": "human", "value": "A?"}, {"from": "human", "value": "B?"}]
+    path = write(tmp_path, "s.jsonl", [
+        {"conversations": conv, "chosen": "a", "rejected": "b", "system": "Be brief."},
+        {"conversations": conv, "chosen": "a", "rejected": "b", "system": ""}])
+    first, second = list(D.read_iopo(path))
+    system = {"role": "system", "content": "Be brief."}
+    assert first["x1"] == [system, {"role": "user", "content": "A?"}] and first["x2"][0] == system, first
+    assert "system" not in first and second["x1"] == [{"role": "user", "content": "A?"}], second
+    (dpo,) = list(D.read_dpo(write(tmp_path, "d.jsonl", [{"prompt": "Hi", "chosen": "a", "rejected": "b",
+                                                          "system": "Be brief."}])))
+    assert dpo["prompt"] == [system, {"role": "user", "content": "Hi"}], dpo
+    twice = {"messages": [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+             "system": "Be kind."}
+    with pytest.raises(D.DataError, match=r"s2.jsonl:1: the system prompt is given twice"):
+        list(D.read_sft(write(tmp_path, "s2.jsonl", [twice])))
+
+
 def test_read_trace_fixture():
     """TRACE items keep every field, including trace_gen's checks and reference."""
     a, b = list(D.read_trace(FIXTURES / "trace_items.jsonl"))
@@ -207,6 +227,9 @@ def test_sniff_kind(tmp_path):
         assert D.sniff_kind(write(tmp_path, f"{kind}.jsonl", [rec])) == kind
     assert D.sniff_kind(write(tmp_path, "half.jsonl", [{"prompt": "Hi", "chosen": "Yo"}])) == "dpo"
     assert D.sniff_kind(FIXTURES / "iopo_sharegpt.json") == "iopo"
+    multi_turn = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"},
+                                    {"from": "human", "value": "And?"}], "chosen": "a", "rejected": "b"}
+    assert D.sniff_kind(write(tmp_path, "mt.jsonl", [multi_turn])) == "dpo", "a DPO conversation, not x1 and x2"
     assert D.sniff_kind(FIXTURES / "trace_items.jsonl") == "trace"
     with pytest.raises(D.DataError, match="cannot tell the format"):
         D.sniff_kind(write(tmp_path, "x.jsonl", [{"foo": 1}]))
