@@ -307,25 +307,35 @@ def _raw_records(path):
                 if not raw.strip():
                     continue
                 try:
-                    yield line, start, json.loads(raw)
+                    yield line, start, json.loads(raw.rstrip(b"\r\n"))  # so an error's column is on this line
                 except ValueError as e:  # bad UTF-8, bad JSON, an integer of more than 4,300 digits
-                    yield line, start, _Bad(f"not valid JSON ({e})")
+                    where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
+                    yield line, start, _Bad(f"not valid JSON ({where})")
             return
         try:
             text = f.read().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 ({e})") from None
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
-    line, counted = 1, 0
+    line, counted, after_element = 1, 0, False
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
-        line, counted = line + text.count("\n", counted, pos), pos
+        if after_element and text[pos:pos + 1] == ",":  # one comma after each element
+            pos, after_element = pos + 1, False
+            continue
+        line, counted = line + text.count("\n", counted, pos), pos  # the line each element starts on
         if pos >= len(text):
             yield line, None, _Fatal("not valid JSON (the array is not closed with ])")
             return
         if text[pos] == "]":
+            if text[pos + 1:].strip():  # a second array (two files concatenated) would be lost
+                yield line, None, _Fatal("not valid JSON (more text after the array's closing ])")
             return
+        if after_element:
+            yield line, None, _Fatal("not valid JSON (expected , or ] after an element)")
+            return
+        after_element = True
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except ValueError as e:
@@ -389,12 +399,14 @@ def read_trace(path, skip_bad=False, stats=None):
 
 def read_any(path, kind=None, skip_bad=False, stats=None):
     """Stream examples of `kind`, or of the kind `sniff_kind` finds when kind is None."""
-    return _read(path, kind or sniff_kind(path), skip_bad, stats)
+    return _read(path, kind or sniff_kind(path, skip_bad), skip_bad, stats)
 
 
-def sniff_kind(path):
-    """Tell the format of a file from the keys of its first record."""
+def sniff_kind(path, skip_bad=False):
+    """Tell the format of a file from the keys of its first record (with skip_bad: its first JSON object)."""
     for line, _, raw in _raw_records(path):
+        if skip_bad and not isinstance(raw, (dict, _Fatal)):  # a bad line: the next one may tell
+            continue
         if isinstance(raw, _Bad):
             raise DataError(f"{path}:{line}: {raw}")
         if not isinstance(raw, dict):
@@ -418,9 +430,9 @@ def sniff_kind(path):
 class RecordFile:
     """Random access to the validated records of a file without holding them in memory.
 
-    One streaming pass checks every line and keeps its byte offset (8 bytes a record) and a rough
-    length (characters of the longest prompt plus the longest response) for grouping by length;
-    `rf[i]` reads line i again. The JSON-array layout cannot be read line by line, so its records are
+    One streaming pass checks every line and keeps its byte offset, its line number and a rough length
+    (characters of the longest prompt plus the longest response, for grouping by length): 24 bytes a
+    record. `rf[i]` reads line i again. The JSON-array layout cannot be read line by line, so its records are
     kept in memory."""
 
     def __init__(self, path, kind, skip_bad=False, stats=None):
@@ -537,8 +549,8 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     authors' IOPO fork builds on) tokenizes the prompt once and each response apart, calls infer_seqlen
     with the prompt length and the LONGER of the two responses, then keeps the first source_len prompt
     tokens and the first target_len tokens of each response. Keeping the head means a cut prompt loses
-    its end, generation header included, and a cut response loses its end-of-turn token; we do the same so
-    that the same data gives the same tokens. For IOPO quadruples we use the longer prompt and the longer
+    its end, generation header included, and a cut response loses its end-of-turn token; we follow the same
+    rule (our targets can be one token shorter: data.py's departure 2). For IOPO quadruples we use the longer prompt and the longer
     response of the four, so both prompts and both responses are cut to the same lengths. The authors'
     IOPO processor is not in the public release we could read; this is the pairwise rule extended."""
     # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
@@ -698,7 +710,7 @@ class BatchSampler:
     save it with the checkpoint after training on a batch, and a restarted run continues with the next
     batch, exactly. With group_by_length, each chunk of 50 batches' worth of shuffled positions is sorted
     by length before it is cut into batches (so rows in a batch have similar lengths and little padding),
-    then the batch order is shuffled so long and short batches alternate. A state saved after the last
+    then the order of the batches is shuffled, so that lengths do not rise or fall through the epoch. A state saved after the last
     batch of an epoch resumes with an empty pass over that epoch, then the next one."""
 
     def __init__(self, n, batch_size, seed=0, shuffle=True, drop_last=False, lengths=None, group_by_length=False):
@@ -992,8 +1004,10 @@ def _trace_sequence(tok, ex, max_len, stats):
     """A TRACE item: its reference answer scored after the prompt, or the prompt alone, all masked."""
     if "reference" in ex:
         return encode(tok, ex["messages"], ex["reference"], max_len, stats)
-    ids = prompt_ids(tok, ex["messages"])[:max_len]
+    ids = prompt_ids(tok, ex["messages"])
     stats.examples += 1
+    stats.truncated += max_len is not None and len(ids) > max_len
+    ids = ids[:max_len]
     stats.masked_tokens += len(ids)
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
 
@@ -1016,7 +1030,7 @@ def main(argv=None, out=None):
     if args.max_len is not None and args.max_len < 1:
         raise SystemExit(f"data.py: --max-len must be at least 1, got {args.max_len}")
 
-    kind = args.kind or sniff_kind(args.file)
+    kind = args.kind or sniff_kind(args.file, args.skip_bad)
     records = RecordFile(args.file, kind, args.skip_bad)
     if not 0 <= args.index < len(records):
         raise SystemExit(f"{args.file}: --index {args.index} is out of range ({len(records)} examples)")

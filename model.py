@@ -803,7 +803,7 @@ class Tokenizer:
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
         # Special tokens (turn markers, end of text): a message's text that spells one would be read as that
-        # control token, not as text (data.py refuses such training data)
+        # control token, not as text (data.py counts such training data: EncodeStats.special_text)
         self.special_tokens = sorted(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
                                      if t.special)
         # Generation stops at the end of a turn as well as at every eos the configs name

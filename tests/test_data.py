@@ -136,7 +136,7 @@ def test_read_trace_fixture():
 GOOD = {"sft": {"prompt": "Hi", "response": "Yo"}, "dpo": {"prompt": "Hi", "chosen": "Yo", "rejected": "No"},
         "iopo": {"x1": "A", "y1": "a", "x2": "B", "y2": "b"}}
 BAD_LINES = [
-    ("iopo", '{"x1": "A", "y1": "a", "x2": "B"', "not valid JSON"),
+    ("iopo", '{"x1": "A", "y1": "a", "x2": "B"', "not valid JSON (Expecting ',' delimiter at column 33)"),
     ("iopo", {"x1": "A", "y1": "a", "x2": "B"}, '"y2" is missing'),
     ("dpo", {"prompt": "Hi", "chosen": " ", "rejected": "No"}, '"chosen" is empty'),
     ("dpo", {"prompt": 3, "chosen": "Yo", "rejected": "No"}, '"prompt" should be a string or a list of messages, got int'),
@@ -209,6 +209,14 @@ def test_broken_json_array_is_fatal_even_when_skipping(tmp_path):
     path.write_text('[\n{"x1": "A", "y1": "a", "x2": "B", "y2": "b"},\n{"x1": "A" "y1"}\n]')
     with pytest.raises(D.DataError, match=r"a.json:3: not valid JSON .*the rest of the array cannot be read"):
         list(D.read_iopo(path, skip_bad=True))
+    good = '{"x1": "A", "y1": "a", "x2": "B", "y2": "b"}'
+    for text, message in ((f"[{good}]\n[{good}]", r"a.json:1: not valid JSON \(more text after the array's closing"),
+                          (f"[{good}\n{good}]", r"a.json:2: not valid JSON \(expected , or \] after an element")):
+        path.write_text(text)  # two arrays concatenated; a missing comma
+        with pytest.raises(D.DataError, match=message):
+            list(D.read_iopo(path, skip_bad=True))
+    path.write_text(f"[{good},\n{good},]")  # a trailing comma is let through
+    assert len(list(D.read_iopo(path))) == 2
 
 
 def test_byte_order_mark_and_folders(tmp_path):
@@ -533,6 +541,19 @@ def test_cli_prints_scored_tokens_and_counts():
     assert "[[the nile<|im_end|>]]" in text and "[[THE NILE<|im_end|>]]" in text, text
     assert text.count("--- y") == 4 and "examples 2, tokens scored" in text and "bad lines skipped 0" in text, text
     assert "<|im_start|>user\nName a river.\n1. Answer in uppercase;\n<|im_end|>" in text, text
+
+
+def test_cli_counts_cut_prompts_and_skips_a_bad_first_line(tmp_path):
+    """TRACE items without a reference are prompts alone: cutting them is counted too. With --skip-bad a
+    bad first line does not stop the format from being told from the next one."""
+    out = io.StringIO()
+    D.main([str(FIXTURES / "trace_items.jsonl"), "--max-len", "5", "--vocab-size", "300"], out=out)
+    n = len((FIXTURES / "trace_items.jsonl").read_text().splitlines())
+    assert f"examples {n}," in out.getvalue() and f"truncated examples {n} " in out.getvalue(), out.getvalue()
+    path = write(tmp_path, "d.jsonl", ['{"prompt": 1', GOOD["dpo"]])
+    out = io.StringIO()
+    D.main([str(path), "--skip-bad", "--vocab-size", "300"], out=out)
+    assert "examples 1, bad lines skipped 1" in out.getvalue(), out.getvalue()
 
 
 def test_show_sequence_colours_scored_text(tok):
