@@ -177,8 +177,9 @@ def _messages(value, key):
 
 def _prompt(value, key):
     msgs = _messages(value, key)
-    if msgs[-1]["role"] == "assistant":
-        raise _Bad(f'"{key}" should end with a user turn, ends with an assistant turn')
+    if msgs[-1]["role"] != "user":
+        raise _Bad(f'"{key}" should end with a user turn, ends with {"an" if msgs[-1]["role"] == "assistant" else "a"} '
+                   f'{msgs[-1]["role"]} turn')
     return msgs
 
 

@@ -138,6 +138,8 @@ GOOD = {"sft": {"prompt": "Hi", "response": "Yo"}, "dpo": {"prompt": "Hi", "chos
 BAD_LINES = [
     ("iopo", '{"x1": "A", "y1": "a", "x2": "B"', "not valid JSON (Expecting ',' delimiter at column 33)"),
     ("iopo", {"x1": "A", "y1": "a", "x2": "B"}, '"y2" is missing'),
+    ("dpo", {"prompt": [{"role": "system", "content": "Be brief."}], "chosen": "Yo", "rejected": "No"},
+     '"prompt" should end with a user turn, ends with a system turn'),
     ("dpo", {"prompt": "Hi", "chosen": " ", "rejected": "No"}, '"chosen" is empty'),
     ("dpo", {"prompt": 3, "chosen": "Yo", "rejected": "No"}, '"prompt" should be a string or a list of messages, got int'),
     ("dpo", {"prompt": "Hi", "chosen": "Yo", "rejected": 7}, '"rejected" should be a string, got int'),
