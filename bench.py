@@ -5,6 +5,7 @@
     python bench.py --train       # SFT vs DPO vs IOPO step time and peak memory (iopo.py)
     python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (78 s on an H100)
     python bench.py --attention   # packed rows: two causal attention passes vs one explicit mask (model.py)
+    python bench.py --padding     # padding share of batches, random vs --group-by-length (data.py)
 
 Figures go into the README together with the command that produced them. Nothing here is asserted in a
 test: timings depend on the machine.
@@ -612,12 +613,55 @@ def bench_attention(args):
               f"{took['unpacked']:>10.4f} | {took['rows'] / took['mask']:>9.2f}", flush=True)
 
 
+# --- padding: the share of a batch that is padding, random batches vs --group-by-length (data.BatchSampler)
+#
+# No timing: every padded position is work that every layer does for nothing, so the share is what grouping
+# can save (at the price of batches less random). Synthetic TRACE from trace_gen.py (full families, or
+# --padding-toy), a byte-level BPE trained on it, one epoch of each method's batches, right-padded as the
+# trainer pads them (to a multiple of 8).
+
+def bench_padding(args):
+    import contextlib
+    import io
+    import tempfile
+    import trace_gen
+    from data import COLLATORS, BatchSampler, EncodedDataset, RecordFile, example_texts, load_tokenizer, train_tokenizer
+    tmp = tempfile.TemporaryDirectory()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trace_gen.main(["--out", tmp.name, "--n-train", str(args.padding_n), "--n-eval", "0", "--no-progress"]
+                       + ["--toy"] * args.padding_toy)
+    data = {kind: RecordFile(f"{tmp.name}/{kind}.jsonl", kind) for kind in ("sft", "dpo", "iopo")}
+    texts = (t for i in range(len(data["sft"])) for t in example_texts("sft", data["sft"][i]))
+    tok = load_tokenizer(train_tokenizer(texts, 2000, f"{tmp.name}/tok"))
+    print(f"padding share of one epoch's batches: {args.padding_n} synthetic TRACE instructions"
+          f"{' (toy preset)' if args.padding_toy else ''}, a 2,000-token BPE, max_len 4096")
+    print(f"{'method':>6} {'batch':>5} | {'random':>7} {'grouped':>7} | positions random / grouped")
+    for kind in ("sft", "dpo", "iopo"):
+        ds = EncodedDataset(data[kind], kind, tok, max_len=4096, check=False)
+        for batch_size in (4, 16):
+            shares = []
+            for group in (False, True):
+                sampler = BatchSampler(len(ds), batch_size, seed=0, group_by_length=group,
+                                       lengths=ds.lengths() if group else None)
+                padded = total = 0
+                for positions in sampler:
+                    mask = COLLATORS[kind]([ds[p] for p in positions], tok.pad_token_id)["attention_mask"]
+                    padded, total = padded + int((mask == 0).sum()), total + mask.numel()
+                shares.append((padded / total, total))
+            (r, rt), (g, gt) = shares
+            print(f"{kind:>6} {batch_size:>5} | {100 * r:6.1f}% {100 * g:6.1f}% | {rt:,} / {gt:,} ({gt / rt:.2f}x)")
+    tmp.cleanup()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", action="store_true", help="benchmark the fused log-prob kernel")
     parser.add_argument("--generate", action="store_true", help="benchmark KV-cache generation and loading")
     parser.add_argument("--train", action="store_true", help="benchmark SFT / DPO / IOPO training steps")
     parser.add_argument("--attention", action="store_true", help="benchmark the attention of packed rows")
+    parser.add_argument("--padding", action="store_true", help="padding share of batches, random vs grouped by length")
+    parser.add_argument("--padding-n", type=int, default=2000, help="--padding: synthetic instructions")
+    parser.add_argument("--padding-toy", action="store_true", help="--padding: the toy preset's short answers")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where to run (--kernel: cpu = float32 table, cuda = bfloat16 table)")
     parser.add_argument("--tokens", type=int, default=None, help="--kernel: tokens N (default: the standard shapes)")
@@ -650,10 +694,10 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="--train --device cuda: print torch.profiler's operator table for one step of each IOPO run")
     args = parser.parse_args()
-    if not (args.kernel or args.generate or args.train or args.attention):
-        parser.error("choose at least one of --kernel, --generate, --train, --attention")
+    if not (args.kernel or args.generate or args.train or args.attention or args.padding):
+        parser.error("choose at least one of --kernel, --generate, --train, --attention, --padding")
     for name in ("tokens", "dim", "vocab", "chunk_size", "repeats", "new_tokens", "prompt_tokens", "gen_threads",
-                 "train_threads", "train_batch"):
+                 "train_threads", "train_batch", "padding_n"):
         value, least = getattr(args, name), 0 if name == "train_batch" else 1  # --train-batch 0: the default
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
@@ -665,6 +709,8 @@ def main():
         bench_train(args)
     if args.attention:
         bench_attention(args)
+    if args.padding:
+        bench_padding(args)
 
 
 if __name__ == "__main__":

@@ -586,6 +586,7 @@ class TrainConfig:
     ftx: float = 0.0  # weight of the optional SFT term on the matched pairs (authors' code; 0 in the paper)
     variant: str = "full"  # IOPO loss: full | no_input_pref | no_output_pref | three_seq
     max_len: int = 1024  # tokens per sequence; longer examples are cut like the authors' code (data.py)
+    group_by_length: bool = False  # batch examples of similar length together (less padding; order less random)
     seed: int = 0  # seeds the model init (toy), the data order and dropout
     dtype: str = "float32"  # float32, or bfloat16: autocast on a GPU (LoRA also keeps the frozen base in bfloat16)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
@@ -1268,7 +1269,8 @@ def train(cfg, given=()):
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg)
-    sampler = BatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed)
+    sampler = BatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
+                           lengths=train_set.lengths() if cfg.group_by_length else None)
     micro_per_epoch = len(sampler)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     torch.manual_seed(cfg.seed + rank)  # dropout differs between processes, as their data does

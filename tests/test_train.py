@@ -131,11 +131,17 @@ def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
 
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
 def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
-    """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run."""
+    """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run
+    (SFT with --group-by-length)."""
     folder, paths, base = toy_dir
     full = config(base, paths[method], tmp_path / "full", method, max_steps=6, batch_size=3, grad_accum=2,
-                  save_every=3, lora_rank=lora_rank, lora_dropout=0.1 if lora_rank else 0.0, warmup_ratio=0.3)
+                  save_every=3, lora_rank=lora_rank, lora_dropout=0.1 if lora_rank else 0.0, warmup_ratio=0.3,
+                  group_by_length=method == "sft")  # SFT: batches of similar lengths, resumed in the same order
     iopo.train(full)
+    if method == "sft":  # the grouping reaches the sampler: other batches, so other losses
+        iopo.train(config(base, paths[method], tmp_path / "random", method, max_steps=6, batch_size=3, grad_accum=2,
+                          warmup_ratio=0.3))
+        assert losses(tmp_path / "random")[0]["loss"] != losses(tmp_path / "full")[0]["loss"]
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
     M.load_model(checkpoint)  # the checkpoint's weights are a plain Hugging Face folder
