@@ -682,12 +682,6 @@ def _unpack(packed):
     return _join(ids[:n_prompt], ids[n_prompt:])
 
 
-def take(ds, n):
-    """The first n examples (all of them when there are fewer)."""
-    positions = range(min(n, len(ds)))
-    return ds.select(positions) if hasattr(ds, "select") else [ds[p] for p in positions]
-
-
 def holdout_split(ds, n_heldout, seed=0):
     """(train, heldout): n_heldout examples drawn with `seed` are held out, the rest kept in order."""
     if not 0 <= n_heldout <= len(ds):
@@ -762,21 +756,6 @@ class BatchSampler:
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
                                  f"{getattr(self, key)!r}; the resumed order would differ")
         self.epoch, self.position = state["epoch"], state["position"]
-
-
-def batches(examples, batch_size, seed=0, shuffle=True, group_by_length=False, epoch=0, drop_last=False):
-    """Yield lists of examples for one epoch, in the order BatchSampler draws for (seed, epoch)."""
-    lengths = None
-    if group_by_length:
-        lengths = examples.lengths() if hasattr(examples, "lengths") else [_seq_len(examples[i]) for i in range(len(examples))]
-    sampler = BatchSampler(len(examples), batch_size, seed, shuffle, drop_last, lengths, group_by_length)
-    sampler.epoch = epoch
-    for positions in sampler:
-        yield [examples[p] for p in positions]
-
-
-def _seq_len(ex):
-    return len(ex["input_ids"]) if "input_ids" in ex else max(len(s["input_ids"]) for s in ex.values())
 
 
 def collate_sft(batch, pad_id, multiple=8):

@@ -446,19 +446,11 @@ def test_group_by_length_cuts_padding():
     assert grouped * 5 < plain, (grouped, plain)
 
 
-def test_batches_helper_repeats_for_a_seed():
-    """batches(...) gives the same lists for the same seed and epoch."""
-    items = [{"input_ids": [1] * n, "labels": [1] * n} for n in range(1, 30)]
-    a = list(D.batches(items, 4, seed=5, group_by_length=True))
-    b = list(D.batches(items, 4, seed=5, group_by_length=True))
-    assert a == b and sum(map(len, a)) == 29
-
-
 # -----------------------------------------------------------------------------
 # Datasets, tokenizer, real samples, command line
 
 def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
-    """Nothing is tokenized until accessed; a second access comes from the cache; select/take/holdout share it."""
+    """Nothing is tokenized until accessed; a second access comes from the cache; select and holdout share it."""
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i + 1), "rejected": "No."} for i in range(6)]
     path = write(tmp_path, "d.jsonl", rows)
     ds = D.EncodedDataset(D.RecordFile(path, "dpo"), "dpo", tok)
@@ -468,7 +460,7 @@ def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     assert ds[2] == first and ds.stats.examples == 1, ds.stats
     train, held = D.holdout_split(ds, 2, seed=0)
     assert len(train) == 4 and len(held) == 2 and sorted(train.indices + held.indices) == list(range(6))
-    assert D.take(ds, 3).indices == [0, 1, 2] and ds.lengths()[5] > ds.lengths()[0]
+    assert ds.select(range(3)).indices == [0, 1, 2] and ds.lengths()[5] > ds.lengths()[0]
     assert ds.scan().examples == 6
 
 
