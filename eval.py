@@ -792,6 +792,9 @@ def generate_responses(model, tok, items, max_new_tokens=512, batch_size=8, temp
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if seed is not None:  # one stream for the whole run: seeded per batch, every batch would draw the same numbers
+        import torch
+        seed = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     for batch in tqdm(batches, desc="answers", unit="batch", disable=not progress):
         new_tokens = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
                                 top_p=top_p, eos_token_ids=tok.eos_token_ids, seed=seed,

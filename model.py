@@ -903,7 +903,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_tok
              pad_token_id=0, progress=False, use_cache=True):
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns the new tokens of each,
     cut before its first EOS. Prompts are left-padded into one batch. With use_cache=False every step recomputes
-    the whole prefix (the baseline bench.py compares against); both give the same greedy tokens."""
+    the whole prefix (the baseline bench.py compares against); both give the same greedy tokens. seed: an int
+    (sampling starts a generator of its own), or a torch.Generator on the model's device that successive calls
+    keep drawing from (so that batch after batch does not repeat the same draws)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
     if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
@@ -925,7 +927,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_tok
         ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):] = 1
     eos = torch.tensor(sorted(set(eos_token_ids or [])), dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = seed if isinstance(seed, torch.Generator) else (
+        torch.Generator(device=device).manual_seed(seed) if seed is not None else None)
     cache = KVCache(model, B, P + max_new_tokens) if use_cache else None
     was_training = model.training
     model.eval()

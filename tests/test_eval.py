@@ -353,6 +353,18 @@ def test_generate_responses_batching_is_order_free(tiny_model, chatml_tokenizer_
     assert len(one) == 3 and all(isinstance(a, str) for a in one), one
 
 
+def test_sampled_answers_draw_one_stream_across_batches(tiny_model, chatml_tokenizer_dir):
+    """With a seed, batches continue one random stream: the same prompt answered in 4 batches of 1 gets
+    different samples (seeded per batch, all 4 were equal), and the run repeats for the same seed."""
+    import model as M
+    tok = M.load_tokenizer(chatml_tokenizer_dir)
+    items = [{"prompt": "The river flows."}] * 4
+    run = lambda: E.generate_responses(tiny_model, tok, items, max_new_tokens=8, batch_size=1, temperature=1.5,
+                                       seed=0, progress=False)
+    first = run()
+    assert len(set(first)) > 1 and run() == first, first
+
+
 def test_ifeval_cli_and_compare(tmp_path, capsys):
     """ifeval writes the official files; compare prints Table 3 with blanks for metrics a report lacks."""
     out = tmp_path / "if"
