@@ -786,8 +786,9 @@ def item_messages(item):
 
 
 def generate_responses(model, tok, items, max_new_tokens=512, batch_size=8, temperature=0.0, top_p=1.0, seed=None,
-                       progress=True):
-    """One answer per item (greedy by default). Items are batched by prompt length to waste little padding."""
+                       progress=True, counts=None):
+    """One answer per item (greedy by default). Items are batched by prompt length to waste little padding.
+    counts, a dict if given, gets "cut_at_limit": the answers that used all max_new_tokens (likely cut short)."""
     prompts = [tok.apply_chat_template(item_messages(item), add_generation_prompt=True) for item in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
@@ -801,6 +802,8 @@ def generate_responses(model, tok, items, max_new_tokens=512, batch_size=8, temp
                                 pad_token_id=tok.pad_token_id)
         for i, ids in zip(batch, new_tokens):
             answers[i] = tok.decode(ids, skip_special_tokens=True)
+            if counts is not None:
+                counts["cut_at_limit"] = counts.get("cut_at_limit", 0) + (len(ids) == max_new_tokens)
     return answers
 
 
@@ -846,12 +849,42 @@ def _read_responses(path, key):
     return {k: row["response"] for (_, k), (_, row) in zip(keys, numbered)}
 
 
-def _out_folder(path):
-    """The output folder; a file at its path is refused before any work is done."""
+def _source(args):
+    """What a run scores: the model that answers, or the file of answers (as an absolute path)."""
+    return {"model": str(Path(args.model).resolve())} if args.model else {"responses": str(Path(args.responses).resolve())}
+
+
+def _out_folder(path, args):
+    """The output folder, checked before any work: not a file, and not holding the report of another run (whose
+    files this one would replace; runs that share a default label, such as two models both named final/.../iopo,
+    would otherwise overwrite each other)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SystemExit(f"error: --out {path} is a file, expected a folder")
+    if (path / "report.json").is_file():
+        try:
+            earlier = json.loads((path / "report.json").read_text(encoding="utf-8")).get("source")
+        except (ValueError, AttributeError):
+            earlier = None
+        if isinstance(earlier, dict) and earlier != _source(args):
+            what = ", ".join(f"{k} {v}" for k, v in earlier.items())
+            raise SystemExit(f"error: --out {path} holds the report of another run ({what}); choose another "
+                             f"--out (or --label), or delete it")
     return path
+
+
+def _generate(args, items):
+    """Answers from --model, and what report.json records about how they were made."""
+    model, tok = _load_for_generation(args)
+    counts = {}
+    answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
+                                 args.top_p, args.seed, counts=counts)
+    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "batch_size")}
+    generation = {**settings, "cut_at_limit": counts.get("cut_at_limit", 0)}
+    if generation["cut_at_limit"]:
+        print(f"warning: {generation['cut_at_limit']} of {len(items)} answers used all --max-new-tokens "
+              f"{args.max_new_tokens} and may have been cut short")
+    return answers, generation
 
 
 def write_outputs(out_dir, files):
@@ -883,13 +916,11 @@ def cmd_trace(args):
     numbered = _read_records(args.data, "items")
     items = [item for _, item in numbered]
     _no_duplicates(args.data, "item id", [(lineno, item_key(item, n)) for n, (lineno, item) in enumerate(numbered)])
-    out = _out_folder(args.out or Path("runs") / "eval" / f"trace-{_label(args)}")
-    files = {}
+    out = _out_folder(args.out or Path("runs") / "eval" / f"trace-{_label(args)}", args)
+    generation = None
     if args.model:
         _judge_or_exit(args.data, items, ["x"] * len(items))  # every spec checked before the slow generation
-        model, tok = _load_for_generation(args)
-        answers = generate_responses(model, tok, items, args.max_new_tokens, args.batch_size, args.temperature,
-                                     args.top_p, args.seed)
+        answers, generation = _generate(args, items)
         responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
         # kept at once: generation is the slow part, and --responses can score them again
         write_outputs(out, {"responses.jsonl": jsonl_text({"id": k, "response": v} for k, v in responses.items())})
@@ -904,9 +935,10 @@ def cmd_trace(args):
         if unknown:
             print(f"warning: {len(unknown)} responses match no item id in {args.data} (e.g. {sorted(unknown)[:3]})")
     rows, report = _judge_or_exit(args.data, items, responses)
-    report.update(benchmark="trace", label=_label(args), data=str(args.data))
+    report.update(benchmark="trace", label=_label(args), data=str(args.data), source=_source(args),
+                  **({"generation": generation} if generation else {}))
     table = trace_markdown(report)
-    files.update({"results.jsonl": jsonl_text(rows), "report.json": json_text(report), "report.md": table})
+    files = {"results.jsonl": jsonl_text(rows), "report.json": json_text(report), "report.md": table}
     write_outputs(out, files)
     print(table)
     if report["missing_responses"]:
@@ -935,13 +967,11 @@ def cmd_ifeval(args):
     _no_duplicates(args.input, "key", keys)
     prompts = [(n, inp["prompt"]) for n, inp in numbered if isinstance(inp.get("prompt"), str)]
     _no_duplicates(args.input, "prompt", prompts)
-    out = _out_folder(args.out)
-    files = {}
+    out = _out_folder(args.out, args)
+    generation = None
     if args.model:
         _score_or_exit(args.input, inputs, {p: "x" for _, p in prompts})  # every kwarg checked before generation
-        model, tok = _load_for_generation(args)
-        answers = generate_responses(model, tok, inputs, args.max_new_tokens, args.batch_size, args.temperature,
-                                     args.top_p, args.seed)
+        answers, generation = _generate(args, inputs)
         responses = {inp["prompt"]: a for inp, a in zip(inputs, answers)}
         # kept at once: generation is the slow part, and --responses can score them again
         write_outputs(out, {"input_response_data.jsonl":
@@ -960,9 +990,10 @@ def cmd_ifeval(args):
                          "L-Acc": _percent(report["prompt_level_loose"]),
                          "I-Acc strict": _percent(report["instruction_level_strict"]),
                          "I-Acc loose": _percent(report["instruction_level_loose"])}
-    report.update(benchmark="ifeval", label=_label(args), input=str(args.input))
-    files.update({"eval_results_strict.jsonl": jsonl_text(strict), "eval_results_loose.jsonl": jsonl_text(loose),
-                  "report.json": json_text(report)})
+    report.update(benchmark="ifeval", label=_label(args), input=str(args.input), source=_source(args),
+                  **({"generation": generation} if generation else {}))
+    files = {"eval_results_strict.jsonl": jsonl_text(strict), "eval_results_loose.jsonl": jsonl_text(loose),
+             "report.json": json_text(report)}
     write_outputs(out, files)
     for mode in ("strict", "loose"):
         p, i = report[f"prompt_level_{mode}"], report[f"instruction_level_{mode}"]
@@ -1008,6 +1039,13 @@ def cmd_compare(args):
                              f"score them again with different --label values")
         seen[key] = arg
         reports.append(report)
+    models = {}  # a label's TRACE and IFEval reports share a row: they must come from the same model
+    for arg, report in zip(args.reports, reports):
+        model = (report.get("source") or {}).get("model")
+        label = str(report.get("label", "?"))
+        if model and models.setdefault(label, (model, arg))[0] != model:
+            raise SystemExit(f"error: {models[label][1]} and {arg} share the label {label!r} but come from different "
+                             f"models ({models[label][0]} and {model}); score them again with different --label values")
     print(compare_table(reports), end="")
 
 
@@ -1015,13 +1053,14 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def answers_source(sp):
+    def answers_source(sp, budget, note=""):
         src = sp.add_mutually_exclusive_group(required=True)
         src.add_argument("--responses", help="JSONL of answers to score (TRACE: {id, response}; IFEval: {prompt, response})")
         src.add_argument("--model", help="checkpoint folder (model.py format) to generate the answers with first")
         sp.add_argument("--label", help="name of this run in reports and `compare`, unique per benchmark "
                         "(default: model folder or responses file name)")
-        sp.add_argument("--max-new-tokens", type=int, default=512, help="token budget per answer (default 512)")
+        sp.add_argument("--max-new-tokens", type=int, default=budget, help=f"token budget per answer (default "
+                        f"{budget}{note})")
         sp.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
@@ -1031,13 +1070,13 @@ def build_parser():
 
     t = sub.add_parser("trace", help="score TRACE items that carry trace_gen.py checks")
     t.add_argument("--data", required=True, help="eval JSONL written by trace_gen.py (items with 'checks')")
-    answers_source(t)
+    answers_source(t, 512)
     t.add_argument("--out", help="output folder (default runs/eval/trace-<label>)")
     t.set_defaults(func=cmd_trace)
 
     f = sub.add_parser("ifeval", help="score IFEval answers, strict and loose, in the official output format")
     f.add_argument("--input", required=True, help="IFEval input_data.jsonl (key, prompt, instruction_id_list, kwargs)")
-    answers_source(f)
+    answers_source(f, 1280, ", lm-eval's: some prompts ask for 600 words or more")
     f.add_argument("--out", required=True, help="output folder")
     f.set_defaults(func=cmd_ifeval)
 

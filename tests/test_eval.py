@@ -339,6 +339,17 @@ def test_trace_cli_generates_then_rescores(tiny_checkpoint, toy_trace, tmp_path,
     assert r1["metrics"] == r2["metrics"] and r1["n_items"] == 6, (r1["metrics"], r2["metrics"])
     assert len(E.read_jsonl(out2 / "results.jsonl")) == 6
     assert "| IF-S | IF-M |" in capsys.readouterr().out
+    # how the answers were made is recorded (6 new tokens: the tiny model never stops, so all 6 are cut)
+    assert r1["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None,
+                                "batch_size": 4, "cut_at_limit": 6}, r1["generation"]
+    assert r1["source"] == {"model": str(tiny_checkpoint.resolve())} and "generation" not in r2, r2
+    # another run may not write into a folder that holds this one's report
+    with pytest.raises(SystemExit, match=r"gen holds the report of another run \(model .*ckpt\)"):
+        E.main(["trace", "--data", str(data), "--responses", str(out1 / "responses.jsonl"), "--out", str(out1)])
+    # nor may compare put two models' reports on one row
+    (tmp_path / "other.json").write_text(json.dumps({**r1, "benchmark": "ifeval", "source": {"model": "/elsewhere"}}))
+    with pytest.raises(SystemExit, match="share the label 'tiny' but come from different models"):
+        E.main(["compare", str(out1), str(tmp_path / "other.json")])
 
 
 def test_generate_responses_batching_is_order_free(tiny_model, chatml_tokenizer_dir):
@@ -397,6 +408,13 @@ def test_cli_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match="needs 'prompt' and a string 'response'"):
         E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--responses", str(rows),
                 "--out", str(tmp_path / "o")])
+
+
+def test_ifeval_answers_get_lm_evals_token_budget():
+    """IFEval's default budget is lm-eval's 1,280 tokens (prompts ask for 600+ words); TRACE keeps 512."""
+    parse = E.build_parser().parse_args
+    assert parse(["ifeval", "--input", "i", "--responses", "r", "--out", "o"]).max_new_tokens == 1280
+    assert parse(["trace", "--data", "d", "--responses", "r"]).max_new_tokens == 512
 
 
 def test_default_labels_name_the_run_not_its_final_folder(tmp_path):
