@@ -137,7 +137,8 @@ _STOPWORDS = {
         "ur": "کے میں کی ہے اور سے کا کو یہ ہیں نے پر بھی ایک تھا کہ جو ہو گا وہ لیے کر تو",
     },
     "cyrillic": {
-        "ru": "что это к из он она они для у же так все его был было быть мы вы я только",
+        "ru": "и в на не с что это как по но о от к из он она они для у же так все его был было быть мы вы я "
+              "только",
         "bg": "е да се за че са това той тя те ще към си след което му беше бъде",
         "uk": "і в на не що з та до у як це для від але він вона вони бути є так або",
     },
@@ -459,7 +460,7 @@ def _count_highlights(r):
     return len(single) + len(double)
 
 
-def _paragraphs_ok(r, n):
+def _paragraphs_ok(r, num_paragraphs):
     pieces = re.split(r"\s?\*\*\*\s?", r)
     count = len(pieces)
     for i, piece in enumerate(pieces):
@@ -468,7 +469,7 @@ def _paragraphs_ok(r, n):
                 count -= 1
             else:
                 return False  # an empty paragraph between two dividers
-    return count == n
+    return count == num_paragraphs
 
 
 def _nth_paragraph_ok(r, num_paragraphs, nth_paragraph, first_word):
@@ -502,13 +503,13 @@ def _json_ok(r):
     r = r.removesuffix("```").strip()
     try:
         json.loads(r)
-    except ValueError:
+    except (ValueError, RecursionError):  # thousands of "[" nest deeper than the parser goes
         return False
     return True
 
 
-def _postscript_ok(r, marker):
-    marker = marker.strip()
+def _postscript_ok(r, postscript_marker):
+    marker = postscript_marker.strip()
     if marker == "P.P.S":
         pattern = r"\s*p\.\s?p\.\s?s.*$"
     elif marker == "P.S.":
@@ -518,14 +519,14 @@ def _postscript_ok(r, marker):
     return bool(re.findall(pattern, r.lower(), flags=re.MULTILINE))
 
 
-def _letter_frequency_ok(r, letter, frequency, relation):
+def _letter_frequency_ok(r, letter, let_frequency, let_relation):
     counts = collections.Counter(r.lower())
     letter = letter.strip().lower()
     if len(letter) == 1 and "a" <= letter <= "z":
-        return _compare(counts[letter], relation, frequency)
+        return _compare(counts[letter], let_relation, let_frequency)
     # Not a letter (keys 1122 "#" and 1129 "!"): the official code checks a random letter instead, so we give
     # the verdict it reaches for most of the 26 letters, which is the one it most likely gives.
-    return sum(_compare(counts[c], relation, frequency) for c in "abcdefghijklmnopqrstuvwxyz") > 13
+    return sum(_compare(counts[c], let_relation, let_frequency) for c in "abcdefghijklmnopqrstuvwxyz") > 13
 
 
 def _language_is(r, language):
@@ -539,17 +540,16 @@ IFEVAL_CHECKS = {  # instruction id -> check(response, **kwargs) -> bool
         len(re.findall(keyword.strip(), r, flags=re.IGNORECASE)), relation, frequency),
     "keywords:forbidden_words": lambda r, forbidden_words: not any(
         re.search(r"\b" + w + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
-    "keywords:letter_frequency": lambda r, letter, let_frequency, let_relation: _letter_frequency_ok(
-        r, letter, let_frequency, let_relation),
-    "language:response_language": lambda r, language: _language_is(r, language),
+    "keywords:letter_frequency": _letter_frequency_ok,
+    "language:response_language": _language_is,
     "length_constraints:number_sentences": lambda r, num_sentences, relation: _compare(
         len(split_sentences(r)), relation, num_sentences),
-    "length_constraints:number_paragraphs": lambda r, num_paragraphs: _paragraphs_ok(r, num_paragraphs),
+    "length_constraints:number_paragraphs": _paragraphs_ok,
     "length_constraints:number_words": lambda r, num_words, relation: _compare(count_words(r), relation, num_words),
     "length_constraints:nth_paragraph_first_word": _nth_paragraph_ok,
     "detectable_content:number_placeholders": lambda r, num_placeholders: len(
         re.findall(r"\[.*?\]", r)) >= num_placeholders,
-    "detectable_content:postscript": lambda r, postscript_marker: _postscript_ok(r, postscript_marker),
+    "detectable_content:postscript": _postscript_ok,
     "detectable_format:number_bullet_lists": lambda r, num_bullets: len(
         re.findall(r"^\s*\*[^\*].*$", r, flags=re.MULTILINE)) + len(
         re.findall(r"^\s*-.*$", r, flags=re.MULTILINE)) == num_bullets,

@@ -63,6 +63,9 @@ IFEVAL_CASES = [
      "Section 1\nfoo\nSection 2\nbar", False, False),  # case-sensitive
     ("detectable_format:json_format", {}, "```json\n{\"a\": 1}\n```", True, True),
     ("detectable_format:json_format", {}, "Here you go:\n{\"a\": 1}", False, True),  # loose drops the first line
+    ("detectable_format:json_format", {}, "[" * 5000, False, False),  # too deep for the parser: not JSON, no crash
+    ("language:response_language", {"language": "ru"},
+     "Москва — столица России. В Москве на улицах много людей, и не всегда легко найти место.", True, True),
     ("detectable_format:title", {}, "<<My Title>>\nbody", True, True),
     ("detectable_format:title", {}, "<<  >>\nbody", False, False),
     ("combination:two_responses", {}, "Answer one.\n******\nAnswer two.", True, True),
