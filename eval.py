@@ -3,9 +3,9 @@
 Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help`):
 
     python trace_gen.py --out runs/toy_data --n-train 2000 --n-eval 200 --seed 0 --toy   # items with checks
-    python eval.py trace  --data runs/toy_data/eval.jsonl --model CHECKPOINT_DIR --out runs/eval/toy
-    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model /ckpt/Qwen2-7B-Instruct --out runs/ifeval
-    python eval.py compare runs/eval/toy runs/ifeval         # Table 3 layout, one row per --label
+    python eval.py trace  --data runs/toy_data/eval.jsonl --model runs/iopo/final     # -> runs/eval/trace-iopo
+    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model ~/models/Qwen2-7B-Instruct --out runs/ifeval_q7
+    python eval.py compare runs/eval/trace-iopo runs/ifeval_q7   # Table 3 layout: one row per label (iopo, Qwen2-7B-Instruct)
 
 Follows: IOPO (arXiv 2411.06208) Table 3 for the metric set; CFBench (arXiv 2408.01122) for CSR / ISR / PSR;
 IFEval (arXiv 2311.07911) for its 25 verifiable instruction types, strict and loose.
@@ -223,7 +223,7 @@ h h.c h.f h.m i.m.s ill inc j.b j.c j.j j.k j.p j.r jan jr k kan ky l l.a l.f l.
 messrs mg mich minn mr mrs ms n n.c n.d n.h n.j n.m n.v n.y nev nov oct ok okla ore p p.a.m p.m pa ph.d prof r
 r.a r.h r.i r.j r.k r.t rep reps s s.a s.a.y s.c s.g s.p.a s.s sen sep sept sr st sw t t.j tenn tues u.k u.n
 u.s u.s.a u.s.s.r v va vs vt w w.c w.r w.va w.w wash wed wis yr
-""".split()) | {". . "}
+""".split()) | {". . "}  # the last one: the type Punkt learned for a spaced ellipsis ". . ."
 _PUNKT_SENT_STARTERS = set("""
 according although among both but despite even he however i if in indeed instead it many meanwhile moreover
 most nevertheless nonetheless nor sales separately similarly since so some the there these they this though
@@ -330,8 +330,8 @@ def _contains_sentbreak(context):
         if not t.period_final:
             continue
         typ, next_typ = t.type_no_period(), nxt.type_no_sentperiod()
-        if (typ, next_typ) in _PUNKT_COLLOCATIONS:
-            t.sentbreak, t.abbr = False, True
+        if (typ, next_typ) in _PUNKT_COLLOCATIONS:  # (Punkt also marks t an abbreviation here; nothing reads it)
+            t.sentbreak = False
         elif (t.abbr or t.ellipsis) and not t.is_initial:
             if _ortho_says_start(nxt) is True or (nxt.first_upper and next_typ in _PUNKT_SENT_STARTERS):
                 t.sentbreak = True
@@ -339,7 +339,7 @@ def _contains_sentbreak(context):
             says = _ortho_says_start(nxt)
             if says is False or (says == "unknown" and t.is_initial and nxt.first_upper
                                  and not _seen_lowercase(next_typ)):
-                t.sentbreak, t.abbr = False, True
+                t.sentbreak = False
     return any(t.sentbreak for t in toks[:-1])
 
 
@@ -962,7 +962,8 @@ def _percent(x):
 def cmd_ifeval(args):
     numbered = _read_records(args.input, "prompts")
     inputs = [inp for _, inp in numbered]
-    # the official reader keys inputs and answers by prompt (the last duplicate wins): refuse duplicates instead
+    # the official scorer would judge a repeated input twice and keys answers by prompt (the last duplicate
+    # wins): refuse duplicates instead
     keys = [(n, inp["key"]) for n, inp in numbered if isinstance(inp.get("key"), (str, int))]
     _no_duplicates(args.input, "key", keys)
     prompts = [(n, inp["prompt"]) for n, inp in numbered if isinstance(inp.get("prompt"), str)]
