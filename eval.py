@@ -437,7 +437,8 @@ def _is_word_char(ch):
 
 
 def count_words(text):
-    """Number of word-character runs (NLTK's r"\\w+" RegexpTokenizer), IFEval's word count."""
+    """Number of word-character runs (NLTK's r"\\w+" RegexpTokenizer), IFEval's word count. Not TRACE's:
+    trace_gen.count_words keeps "don't" as one word, and its split_sentences is simpler than Punkt's."""
     count, inside = 0, False
     for ch in text:
         word = _is_word_char(ch)
