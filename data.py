@@ -556,17 +556,17 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     IOPO processor is not in the public release we could read; this is the pairwise rule extended."""
     # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
     # as transformers' chat templates read it too; it is kept and counted (EncodeStats.special_text)
-    texts_in = [m["content"] for msgs in prompts for m in msgs] + list(responses)
-    special = any(t in text for t in getattr(tok, "special_tokens", ()) for text in texts_in)
-    p = [prompt_ids(tok, m) for m in prompts]
-    texts = [rendered_response(tok, prompts[0], y) for y in responses]
-    r = [response_ids(tok, y) for y in texts]
-    merges = sum(seam_merges(tok, prompts[i], texts[j], p[i], r[j]) for i, j in pairs) if check else 0
-    src, tgt = max(map(len, p)), max(map(len, r))
-    truncated = max_len is not None and src + tgt > max_len
+    written = [m["content"] for msgs in prompts for m in msgs] + list(responses)  # as the file has them
+    special = any(t in text for t in getattr(tok, "special_tokens", ()) for text in written)
+    answers = [rendered_response(tok, prompts[0], y) for y in responses]  # as the template writes them
+    x_ids = [prompt_ids(tok, m) for m in prompts]
+    y_ids = [response_ids(tok, a) for a in answers]
+    merges = sum(seam_merges(tok, prompts[i], answers[j], x_ids[i], y_ids[j]) for i, j in pairs) if check else 0
+    x_len, y_len = max(map(len, x_ids)), max(map(len, y_ids))  # cut by the longest prompt and answer
+    truncated = max_len is not None and x_len + y_len > max_len
     if truncated:
-        src, tgt = infer_seqlen(src, tgt, max_len)
-    seqs = [_join(p[i][:src], r[j][:tgt]) for i, j in pairs]
+        x_len, y_len = infer_seqlen(x_len, y_len, max_len)
+    seqs = [_join(x_ids[i][:x_len], y_ids[j][:y_len]) for i, j in pairs]
     if stats is not None:
         stats.examples += 1
         stats.truncated += truncated
