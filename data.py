@@ -433,8 +433,8 @@ class RecordFile:
 
     One streaming pass checks every line and keeps its byte offset, its line number and a rough length
     (characters of the longest prompt plus the longest response, for grouping by length): 24 bytes a
-    record. `rf[i]` reads line i again. The JSON-array layout cannot be read line by line, so its records are
-    kept in memory."""
+    record. `rf[i]` reads line i again. The JSON-array layout cannot be read line by line, so its records
+    are kept in memory."""
 
     def __init__(self, path, kind, skip_bad=False, stats=None):
         self.path, self.kind = str(path), kind
@@ -551,9 +551,10 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     with the prompt length and the LONGER of the two responses, then keeps the first source_len prompt
     tokens and the first target_len tokens of each response. Keeping the head means a cut prompt loses
     its end, generation header included, and a cut response loses its end-of-turn token; we follow the same
-    rule (our targets can be one token shorter: data.py's departure 2). For IOPO quadruples we use the longer prompt and the longer
-    response of the four, so both prompts and both responses are cut to the same lengths. The authors'
-    IOPO processor is not in the public release we could read; this is the pairwise rule extended."""
+    rule (our targets can be one token shorter: data.py's departure 2). For IOPO quadruples we use the
+    longer prompt and the longer response of the four, so both prompts and both responses are cut to the
+    same lengths. The authors' IOPO processor is not in the public release we could read; this is the
+    pairwise rule extended."""
     # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
     # as transformers' chat templates read it too; it is kept and counted (EncodeStats.special_text)
     written = [m["content"] for msgs in prompts for m in msgs] + list(responses)  # as the file has them

@@ -4,8 +4,9 @@ Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help
 
     python trace_gen.py --out runs/toy_data --n-train 2000 --n-eval 200 --seed 0 --toy   # items with checks
     python eval.py trace  --data runs/toy_data/eval.jsonl --model runs/iopo/final     # -> runs/eval/trace-iopo
-    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model ~/models/Qwen2-7B-Instruct --out runs/ifeval_q7
-    python eval.py compare runs/eval/trace-iopo runs/ifeval_q7   # Table 3 layout: one row per label (iopo, Qwen2-7B-Instruct)
+    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model ~/models/Qwen2-7B-Instruct \
+        --out runs/ifeval_q7
+    python eval.py compare runs/eval/trace-iopo runs/ifeval_q7   # Table 3 layout: a row per label
 
 Follows: IOPO (arXiv 2411.06208) Table 3 for the metric set; CFBench (arXiv 2408.01122) for CSR / ISR / PSR;
 IFEval (arXiv 2311.07911) for its 25 verifiable instruction types, strict and loose.
