@@ -868,7 +868,9 @@ def _out_folder(path, args):
             earlier = json.loads((path / "report.json").read_text(encoding="utf-8")).get("source")
         except (ValueError, AttributeError):
             earlier = None
-        if isinstance(earlier, dict) and earlier != _source(args):
+        source = _source(args)
+        own_answers = Path(source.get("responses", "/")).parent == path.resolve()  # re-scoring its own answers
+        if isinstance(earlier, dict) and earlier != source and not own_answers:
             what = ", ".join(f"{k} {v}" for k, v in earlier.items())
             raise SystemExit(f"error: --out {path} holds the report of another run ({what}); choose another "
                              f"--out (or --label), or delete it")

@@ -346,13 +346,14 @@ def test_trace_cli_generates_then_rescores(tiny_checkpoint, toy_trace, tmp_path,
     assert r1["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None,
                                 "batch_size": 4, "cut_at_limit": 6}, r1["generation"]
     assert r1["source"] == {"model": str(tiny_checkpoint.resolve())} and "generation" not in r2, r2
-    # another run may not write into a folder that holds this one's report
-    with pytest.raises(SystemExit, match=r"gen holds the report of another run \(model .*ckpt\)"):
-        E.main(["trace", "--data", str(data), "--responses", str(out1 / "responses.jsonl"), "--out", str(out1)])
+    # another run may not write into a folder that holds this one's report; re-scoring its own answers may
+    with pytest.raises(SystemExit, match=r"rescored holds the report of another run \(responses .*gen/responses"):
+        E.main(["trace", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out2)])
     # nor may compare put two models' reports on one row
     (tmp_path / "other.json").write_text(json.dumps({**r1, "benchmark": "ifeval", "source": {"model": "/elsewhere"}}))
     with pytest.raises(SystemExit, match="share the label 'tiny' but come from different models"):
         E.main(["compare", str(out1), str(tmp_path / "other.json")])
+    E.main(["trace", "--data", str(data), "--responses", str(out1 / "responses.jsonl"), "--out", str(out1)])
 
 
 def test_generate_responses_batching_is_order_free(tiny_model, chatml_tokenizer_dir):
