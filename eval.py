@@ -853,7 +853,9 @@ def _read_responses(path, key):
 
 def _source(args):
     """What a run scores: the model that answers, or the file of answers (as an absolute path)."""
-    return {"model": str(Path(args.model).resolve())} if args.model else {"responses": str(Path(args.responses).resolve())}
+    if args.model:
+        return {"model": str(Path(args.model).resolve())}
+    return {"responses": str(Path(args.responses).resolve())}
 
 
 def _out_folder(path, args):
