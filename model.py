@@ -169,7 +169,7 @@ class ModelConfig:
             window = None
         # transformers >= 4.53 also writes the outcome per layer; a list that says otherwise is not supported
         types = hf.get("layer_types")
-        if types is not None:
+        if types is not None and isinstance(hf["num_hidden_layers"], int):
             want = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
                     for i in range(hf["num_hidden_layers"])]
             if types != want:
