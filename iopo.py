@@ -1382,11 +1382,9 @@ def train(cfg, given=()):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if (step + 1) % cfg.log_every == 0:
-                shown = {"loss": row["loss"]}
-                for k in ("margins", "accuracy", "accuracy/output", "accuracy/input"):
-                    if k in row:
-                        shown[k.split("/")[-1] if k != "accuracy/input" else "acc_in"] = row[k]
-                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+                short = {"loss": "loss", "margins": "margins", "accuracy": "acc", "accuracy/output": "acc_out",
+                         "accuracy/input": "acc_in"}  # the metrics.jsonl name -> the progress bar's
+                bar.set_postfix({name: f"{row[k]:.3f}" for k, name in short.items() if k in row})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             # collectives (under FSDP the weights and moments are gathered): every process takes part
