@@ -43,6 +43,10 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    model to learn which constraint asks for what, not a substitute for a strong model's answers.
 7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
+8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
+   labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text.
+   What the checkers still read more loosely than a person would (curly quotes, "**Label**:" lines, "as well
+   as" as a simile, a P.S. placed first) is listed in the README.
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
@@ -149,14 +153,28 @@ EXPANSIONS = {"don't": "do not", "doesn't": "does not", "isn't": "is not", "can'
 EXPAND_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in EXPANSIONS) + r")\b", re.I)
 
 
+# Lines that are not prose: headings, a <<title>> alone, source entries "[1] ...", rules, labels ending in ":",
+# and list items that do not end like a sentence
+NOT_PROSE_RE = re.compile(r"\s*(?:#|<<[^\n]*>>\s*$|\[\d+\]|[-*_]{3,}\s*$|[^.!?\n]*:\s*$"
+                          r"|(?:[-*]|\d+[.)])\s[^\n]*[^.!?\s]\s*$)")
+TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
+NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
+
+
 def count_words(text):
-    """Words = runs of letters/digits, an apostrophe suffix kept ("don't" is one word)."""
-    return len(WORD_RE.findall(text))
+    """Words = whitespace-separated tokens holding a letter or digit ("don't", "555-0142", "P.S." and an e-mail
+    address are one word each; a dash alone is none)."""
+    return len(TOKEN_RE.findall(text))
 
 
 def split_sentences(text):
-    """Sentences = pieces between . ! ? (followed by space) or line breaks, holding a letter or digit."""
-    return [s for s in SENT_SPLIT_RE.split(text) if WORD_RE.search(s)]
+    """Sentences of the prose: lines that are headings, titles, source entries, rules or labels (NOT_PROSE_RE)
+    are left out; the rest is cut after . ! ? followed by a space, and at line breaks, except after "P.S.",
+    "e.g." and "i.e."; each piece holds a letter or digit."""
+    prose = "\n".join(line for line in text.split("\n") if not NOT_PROSE_RE.match(line))
+    if any(a in prose.lower() for a in ("p.s.", "e.g.", "i.e.")):  # (a scan of the text is cheaper than the regex)
+        prose = NO_BREAK_RE.sub(lambda m: m[0].replace(".", "\0"), prose)
+    return [s.replace("\0", ".") for s in SENT_SPLIT_RE.split(prose) if WORD_RE.search(s)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1027,7 +1045,7 @@ class Title(Family):
     name, dimension, slot = "title", "Output Format", "title"
     revisable = False
     phrasings = ["Give your answer a title wrapped in double angular brackets, such as <<My title>>.",
-                 "Start with a title written inside << and >>.", "Add a title in the form <<title>>."]
+                 "Include a title written inside << and >>.", "Add a title in the form <<title>>."]
 
     def sample(self, rng, ctx):
         return {}
@@ -1305,7 +1323,7 @@ FAMILY_LIST = [
     Sections(),
     LabelledLines("template_fields", "Template", "template", None,
                   ["Fill in this template, one field per line, in this order: {tpl}.",
-                   "End with these fields, each on its own line and in order: {tpl}."], "see above."),
+                   "Include these fields, each on its own line and in this order: {tpl}."], "see above."),
     Postscript(),
     LabelledLines("positive_example", "Positive Example", "positive_example", EXAMPLE_LABELS,
                   ['Follow the format of this good example: "{a}: ... {b}: ...". Give a "{a}:" line, then a "{b}:" line.',
@@ -1356,9 +1374,28 @@ def _family(spec):
     return fam
 
 
+def json_content(response):
+    """The text inside a one-key JSON answer ({"answer": "..."}, ``` fences allowed), which is what the other
+    constraints are about; any other response unchanged. Checked raw, a JSON answer's escaped line breaks
+    ("\\n") would glue words together and hide its sentences and paragraphs."""
+    s = response.strip()
+    if not s.startswith(("{", "```")):
+        return response
+    try:
+        obj = json.loads(_strip_fences(response))
+    except (ValueError, RecursionError):
+        return response
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), str):
+        return next(iter(obj.values()))
+    return response
+
+
 def check(spec, response):
-    """True when `response` satisfies the constraint spec {"family", "params", ...}. Empty responses fail."""
+    """True when `response` satisfies the constraint spec {"family", "params", ...}. Empty responses fail.
+    Every family but json_wrap judges the text inside a one-key JSON answer (json_content)."""
     fam = _family(spec)
+    if fam.name != "json_wrap":
+        response = json_content(response)
     if not response.strip():
         return False
     try:

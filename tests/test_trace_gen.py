@@ -216,6 +216,19 @@ def test_checkers_on_hand_written_answers():
     assert not c("privacy_mask", "a@b.c *** ***", secrets=["a@b.c", "555"], mask="***")
 
 
+def test_words_and_sentences_are_counted_as_a_reader_counts_them():
+    """An e-mail, a phone number and "P.S." are one word each; headings, titles, labels, source entries and list
+    items without a full stop are not sentences, and "P.S." ends none; a one-key JSON answer is judged on its
+    text (its escaped line breaks would glue "Intro.\\nVery" into one word)."""
+    assert tg.count_words("Write to ana@example.com or call 555-0142. P.S. thanks — done") == 9
+    text = "<<A Guide>>\n## Steps\nFirst one. Second one!\n- apples\n- Pears keep well.\nSources:\n[1] Notes.\nP.S. Go on."
+    assert tg.split_sentences(text) == ["First one.", "Second one!", "- Pears keep well.", "P.S. Go on."]
+    c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
+    answer = '{"answer": "Intro.\\nVery nice indeed."}'
+    assert not c("exclude_words", answer, words=["very"]) and c("sentence_min", answer, n=2)
+    assert c("json_wrap", answer, key="answer") and tg.json_content("not json") == "not json"
+
+
 def test_determinism_same_seed_same_output():
     """The same seed gives byte-identical data; another seed does not."""
     a = tg.generate_data(30, 12, seed=9, progress=False)
