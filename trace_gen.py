@@ -157,6 +157,8 @@ EXPAND_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in EXPANSIONS) + r")
 # and list items that do not end like a sentence
 NOT_PROSE_RE = re.compile(r"\s*(?:#|<<[^\n]*>>\s*$|\[\d+\]|[-*_]{3,}\s*$|[^.!?\n]*:\s*$"
                           r"|(?:[-*]|\d+[.)])\s[^\n]*[^.!?\s]\s*$)")
+LABEL_MARKUP_RE = re.compile(r"(?:\*\*|__|\*|_)?\s*(:)|(?<=\w)(?:\*\*|__)")  # "**Label** :" -> "Label:"
+CURLY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
 TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
 NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
 
@@ -193,9 +195,11 @@ def has_word(text, word):
 
 
 def _line_starts(text, label):
-    """Lines (ignoring leading spaces, quotes, '-', '*', '#') that start with `label` (case-insensitive)."""
+    """Lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces around a colon)
+    that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
     label = label.lower()
-    return [i for i, line in enumerate(text.split("\n")) if line.lstrip(" \t\"'-*#").lower().startswith(label)]
+    lines = (LABEL_MARKUP_RE.sub(r"\1", line).lstrip(" \t\"'-*#").lower() for line in text.split("\n"))
+    return [i for i, line in enumerate(lines) if line.startswith(label)]
 
 
 def _expand(match):
@@ -778,8 +782,9 @@ class PriorCondition(Family):
         return {"category": cat, "expected": "related" if yes else "unrelated", "other": "unrelated" if yes else "related"}
 
     def check(self, p, r):
-        """'Relevance: <expected>' occurs and 'Relevance: <other>' does not (case-insensitive)."""
-        low = r.lower()
+        """'Relevance: <expected>' occurs and 'Relevance: <other>' does not (case-insensitive; bold marks and
+        the spaces around the colon do not matter)."""
+        low = re.sub(r":\s*", ": ", LABEL_MARKUP_RE.sub(r"\1", r).lower())
         return f"relevance: {p['expected']}" in low and f"relevance: {p['other']}" not in low
 
     def write(self, d, p):
@@ -1168,8 +1173,10 @@ class Citations(Family):
         return {"k": rng.randint(2, 3), "label": rng.choice(["References", "Sources", "Works cited"])}
 
     def check(self, p, r):
-        """At least k distinct '[n]' markers and the text '<label>:' occurs (case-insensitive)."""
-        return len(set(re.findall(r"\[(\d+)\]", r))) >= p["k"] and (p["label"].lower() + ":") in r.lower()
+        """At least k distinct '[n]' markers and the text '<label>:' occurs (case-insensitive, bold marks and a
+        space before the colon allowed)."""
+        return len(set(re.findall(r"\[(\d+)\]", r))) >= p["k"] and \
+            (p["label"].lower() + ":") in LABEL_MARKUP_RE.sub(r"\1", r).lower()
 
     def write(self, d, p):
         d.extra += [f"This point is well documented [{i + 1}]." for i in range(p["k"])]
@@ -1394,8 +1401,8 @@ def check(spec, response):
     """True when `response` satisfies the constraint spec {"family", "params", ...}. Empty responses fail.
     Every family but json_wrap judges the text inside a one-key JSON answer (json_content)."""
     fam = _family(spec)
-    if fam.name != "json_wrap":
-        response = json_content(response)
+    if fam.name != "json_wrap":  # (curly quotes must not make JSON valid: json_wrap sees the answer as it is)
+        response = json_content(response).translate(CURLY)  # "don’t" is a contraction, “Hi.” a quotation
     if not response.strip():
         return False
     try:

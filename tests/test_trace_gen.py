@@ -227,6 +227,12 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     answer = '{"answer": "Intro.\\nVery nice indeed."}'
     assert not c("exclude_words", answer, words=["very"]) and c("sentence_min", answer, n=2)
     assert c("json_wrap", answer, key="answer") and tg.json_content("not json") == "not json"
+    # curly quotes read as straight ones, bold or spaced labels as plain ones
+    assert c("quotes_wrap", "\u201cHello there.\u201d") and not c("tone_register", "I don\u2019t know.", style="formal")
+    assert not c("json_wrap", '{\u201canswer\u201d: \u201cx\u201d}', key="answer"), "curly quotes are not JSON"
+    assert tg._line_starts("Intro.\n**Disclaimer** : ask a doctor.", "disclaimer:") == [1]
+    assert c("prior_condition", "**Relevance**:related.", category="x", expected="related", other="unrelated")
+    assert c("citations", "As shown [1] and [2].\n**Sources**:\n[1] a\n[2] b", k=2, label="Sources")
 
 
 def test_determinism_same_seed_same_output():
