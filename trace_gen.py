@@ -44,9 +44,9 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
 7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
 8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
-   labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text.
-   What the checkers still read more loosely than a person would (curly quotes, "**Label**:" lines, "as well
-   as" as a simile, a P.S. placed first) is listed in the README.
+   labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
+   curly quotes read as straight ones and labels may be bold. What the checkers still read more loosely than
+   a person would ("as well as" as a simile, a P.S. placed first) is listed in the README.
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
