@@ -46,7 +46,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
 8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
    labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
    curly quotes read as straight ones and labels may be bold. What the checkers still read more loosely than
-   a person would ("as well as" as a simile, a P.S. placed first) is listed in the README.
+   a person would (a P.S. placed first, "!!" counted twice) is listed in the README.
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
@@ -951,7 +951,8 @@ class Questions(Family):
 class Simile(Family):
     name, dimension, fields, slot = "simile", "Linguistic Characteristics", ("form",), "simile"
     FORMS = {"like": (r"\blike an? [a-z]+", "It works like a well-kept clock."),
-             "as": (r"\bas [a-z]+ as\b", "It is as steady as a rock.")}
+             # "as well as", "as soon as", ... are set phrases, not comparisons
+             "as": (r"\bas (?!(?:well|soon|long|far|much|many) as\b)[a-z]+ as\b", "It is as steady as a rock.")}
     phrasings = ["Use at least one simile written with {form}.", "Include a comparison in the form of a simile using {form}."]
 
     def fmt(self, p):
@@ -961,7 +962,7 @@ class Simile(Family):
         return {"form": rng.choice(["like", "as"])}
 
     def check(self, p, r):
-        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive)."""
+        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive; not 'as well as' and kin)."""
         return re.search(self.FORMS[p["form"]][0], r, re.I) is not None
 
     def write(self, d, p):

@@ -233,6 +233,7 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     assert tg._line_starts("Intro.\n**Disclaimer** : ask a doctor.", "disclaimer:") == [1]
     assert c("prior_condition", "**Relevance**:related.", category="x", expected="related", other="unrelated")
     assert c("citations", "As shown [1] and [2].\n**Sources**:\n[1] a\n[2] b", k=2, label="Sources")
+    assert c("simile", "It is as steady as a rock.", form="as") and not c("simile", "Tea as well as coffee.", form="as")
 
 
 def test_determinism_same_seed_same_output():
