@@ -1400,7 +1400,8 @@ def json_content(response):
 
 def check(spec, response):
     """True when `response` satisfies the constraint spec {"family", "params", ...}. Empty responses fail.
-    Every family but json_wrap judges the text inside a one-key JSON answer (json_content)."""
+    Every family but json_wrap judges the text inside a one-key JSON answer (json_content), with curly quotes
+    and apostrophes read as straight ones."""
     fam = _family(spec)
     if fam.name != "json_wrap":  # (curly quotes must not make JSON valid: json_wrap sees the answer as it is)
         response = json_content(response).translate(CURLY)  # "don’t" is a contraction, “Hi.” a quotation
