@@ -159,6 +159,7 @@ NOT_PROSE_RE = re.compile(r"\s*(?:#|<<[^\n]*>>\s*$|\[\d+\]|[-*_]{3,}\s*$|[^.!?\n
                           r"|(?:[-*]|\d+[.)])\s[^\n]*[^.!?\s]\s*$)")
 LABEL_MARKUP_RE = re.compile(r"(?:\*\*|__|\*|_)?\s*(:)|(?<=\w)(?:\*\*|__)")  # "**Label** :" -> "Label:"
 CURLY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+CURLY_RE = re.compile("[\u2018\u2019\u201c\u201d]")
 TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
 NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
 
@@ -198,8 +199,12 @@ def _line_starts(text, label):
     """Lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces around a colon)
     that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
     label = label.lower()
-    lines = (LABEL_MARKUP_RE.sub(r"\1", line).lstrip(" \t\"'-*#").lower() for line in text.split("\n"))
-    return [i for i, line in enumerate(lines) if line.startswith(label)]
+    return [i for i, line in enumerate(text.split("\n")) if _unmarked(line).lstrip(" \t\"'-*#").lower().startswith(label)]
+
+
+def _unmarked(text):
+    """text without bold or italic marks around labels and without spaces before a colon (LABEL_MARKUP_RE)."""
+    return LABEL_MARKUP_RE.sub(r"\1", text) if "*" in text or "_" in text or " :" in text else text
 
 
 def _expand(match):
@@ -784,7 +789,7 @@ class PriorCondition(Family):
     def check(self, p, r):
         """'Relevance: <expected>' occurs and 'Relevance: <other>' does not (case-insensitive; bold marks and
         the spaces around the colon do not matter)."""
-        low = re.sub(r":\s*", ": ", LABEL_MARKUP_RE.sub(r"\1", r).lower())
+        low = re.sub(r":\s*", ": ", _unmarked(r).lower())
         return f"relevance: {p['expected']}" in low and f"relevance: {p['other']}" not in low
 
     def write(self, d, p):
@@ -1177,7 +1182,7 @@ class Citations(Family):
         """At least k distinct '[n]' markers and the text '<label>:' occurs (case-insensitive, bold marks and a
         space before the colon allowed)."""
         return len(set(re.findall(r"\[(\d+)\]", r))) >= p["k"] and \
-            (p["label"].lower() + ":") in LABEL_MARKUP_RE.sub(r"\1", r).lower()
+            (p["label"].lower() + ":") in _unmarked(r).lower()
 
     def write(self, d, p):
         d.extra += [f"This point is well documented [{i + 1}]." for i in range(p["k"])]
@@ -1404,7 +1409,9 @@ def check(spec, response):
     and apostrophes read as straight ones."""
     fam = _family(spec)
     if fam.name != "json_wrap":  # (curly quotes must not make JSON valid: json_wrap sees the answer as it is)
-        response = json_content(response).translate(CURLY)  # "don’t" is a contraction, “Hi.” a quotation
+        response = json_content(response)
+        if CURLY_RE.search(response):  # "don’t" is a contraction, “Hi.” a quotation
+            response = response.translate(CURLY)
     if not response.strip():
         return False
     try:
