@@ -204,7 +204,7 @@ def _line_starts(text, label):
 
 def _unmarked(text):
     """text without bold or italic marks around labels and without spaces before a colon (LABEL_MARKUP_RE)."""
-    return LABEL_MARKUP_RE.sub(r"\1", text) if "*" in text or "_" in text or " :" in text else text
+    return LABEL_MARKUP_RE.sub(r"\1", text) if "*" in text or "_" in text or " :" in text or "\t:" in text else text
 
 
 def _expand(match):
