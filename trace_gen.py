@@ -46,7 +46,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
 8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
    labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
    curly quotes read as straight ones and labels may be bold. What the checkers still read more loosely than
-   a person would (a P.S. placed first, "!!" counted twice) is listed in the README.
+   a person would ("!!" counted twice, a line break inside a phrase) is listed in the README.
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
@@ -1279,8 +1279,9 @@ class Postscript(Family):
         return {"marker": "P.S." if ctx["toy"] else rng.choice(PS_MARKERS)}
 
     def check(self, p, r):
-        """Some line (after leading spaces/quotes/markers) starts with the marker (case-insensitive)."""
-        return bool(_line_starts(r, p["marker"]))
+        """In the last paragraph (after the last blank line), a line starts with the marker (after leading
+        spaces/quotes/markers; case-insensitive): a P.S. placed first is not one at the end."""
+        return bool(_line_starts(re.split(r"\n\s*\n", r.strip())[-1], p["marker"]))
 
     def write(self, d, p):
         d.ps = f"{p['marker']} Keep going."

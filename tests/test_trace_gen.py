@@ -234,6 +234,7 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     assert c("prior_condition", "**Relevance**:related.", category="x", expected="related", other="unrelated")
     assert c("citations", "As shown [1] and [2].\n**Sources**:\n[1] a\n[2] b", k=2, label="Sources")
     assert c("simile", "It is as steady as a rock.", form="as") and not c("simile", "Tea as well as coffee.", form="as")
+    assert c("postscript", "Body.\n\nP.S. Bye.", marker="P.S.") and not c("postscript", "P.S. Hi.\n\nBody.", marker="P.S.")
 
 
 def test_determinism_same_seed_same_output():
