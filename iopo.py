@@ -1128,6 +1128,10 @@ def default_lr(method):
     return 1e-4 if method == "sft" else 5e-6
 
 
+# The metrics.jsonl names the progress bar shows, and its short names for them
+SHOWN_METRICS = {"loss": "loss", "margins": "margins", "accuracy": "acc", "accuracy/output": "acc_out",
+                 "accuracy/input": "acc_in"}
+
 # What --resume lets the command line change: how the run is executed, not what it computes (to rounding)
 HOW_TO_RUN = ("device", "grad_checkpointing", "compile", "pack", "packed_attention", "fsdp", "dist_timeout",
               "ref_on_the_fly", "ref_batch_size", "eval_every", "save_every", "keep_checkpoints", "log_every")
@@ -1382,9 +1386,7 @@ def train(cfg, given=()):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if (step + 1) % cfg.log_every == 0:
-                short = {"loss": "loss", "margins": "margins", "accuracy": "acc", "accuracy/output": "acc_out",
-                         "accuracy/input": "acc_in"}  # the metrics.jsonl name -> the progress bar's
-                bar.set_postfix({name: f"{row[k]:.3f}" for k, name in short.items() if k in row})
+                bar.set_postfix({name: f"{row[k]:.3f}" for k, name in SHOWN_METRICS.items() if k in row})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             # collectives (under FSDP the weights and moments are gathered): every process takes part
@@ -1499,24 +1501,25 @@ def toy_reproduction(tc):
     return reports
 
 
-def _add_dataclass_args(parser, cls, skip=(), given_only=False):
+def _add_dataclass_args(parser, cls, skip=()):
     """One --flag per dataclass field (--flag / --no-flag for booleans), its help taken from the field's
-    trailing comment. given_only: no defaults, so parsing returns only the flags on the command line."""
+    trailing comment. No argparse defaults: parsing returns only the flags on the command line, and the
+    dataclass fills in the rest (so --resume knows which settings were typed)."""
     help_text = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = argparse.SUPPRESS if given_only else f.default
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text.get(f.name, ""))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=default, help=f"{help_text.get(f.name, '')} (default: {f.default})")
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                                help=f"{help_text.get(f.name, '')} (default: {f.default})")
 
 
-def _parser(given_only=False):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for method in SEQS_PER_EXAMPLE:
@@ -1525,23 +1528,20 @@ def _parser(given_only=False):
                                     width=78, break_on_hyphens=False)
         _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}", epilog=resume_note,
                                            formatter_class=argparse.RawDescriptionHelpFormatter),
-                            TrainConfig, skip=("method",), given_only=given_only)
-    _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig,
-                        given_only=given_only)
+                            TrainConfig, skip=("method",))
+    _add_dataclass_args(sub.add_parser("toy", help="the toy reproduction (what `python iopo.py` runs)"), ToyConfig)
     return parser
 
 
 def main(argv=None):
     argv = (sys.argv[1:] if argv is None else argv) or ["toy"]
-    args = vars(_parser().parse_args(argv))
+    args = vars(_parser().parse_args(argv))  # only the flags on the command line
     command = args.pop("command")
     try:
         if command == "toy":
             toy_reproduction(ToyConfig(**args))
-        else:  # the flags on the command line, for --resume: they may change how the saved run continues
-            typed = vars(_parser(given_only=True).parse_args(argv))  # only the flags on the command line
-            given = (set(typed) - {"command"}) | {"method"}
-            print(f"final model: {train(TrainConfig(method=command, **args), given)}")
+        else:  # for --resume, the typed flags say how the saved run may continue
+            print(f"final model: {train(TrainConfig(method=command, **args), set(args) | {'method'})}")
     except (TrainingStopped, DataError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     finally:
