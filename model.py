@@ -639,7 +639,7 @@ def load_model(path, dtype=None, device="cpu"):
         raise ValueError(f"unexpected tensor {name!r} in {where[name]} (not part of a {config.model_type} model "
                          f"with {config.num_hidden_layers} layers)")
     for name in expected.keys() - where.keys():
-        listing = path / INDEX_NAME if (path / INDEX_NAME).is_file() else path / WEIGHTS_NAME
+        listing = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / INDEX_NAME  # as checkpoint_files
         raise ValueError(f"missing tensor {name!r}: not found in {listing}")
 
     if dtype is None:  # the checkpoint's own dtype: the embedding's (every model has one)
@@ -775,6 +775,7 @@ class Tokenizer:
         if not template and (path / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template = template
+        self.thinks = "<think>" in template  # QwQ's opens a reasoning block after the prompt: not rendered here
 
         def special(key):
             token = config.get(key)
@@ -850,7 +851,7 @@ class Tokenizer:
             if m["role"] not in ("system", "user", "assistant"):  # templates render tool turns their own way
                 raise ValueError(f"message {i} has role {m['role']!r}; only system, user and assistant turns are "
                                  f"rendered (tools are not supported)")
-        if "<think>" in self.chat_template:  # QwQ's opens one after the prompt and strips them from past answers
+        if self.thinks:
             raise ValueError(f"{self.source}: the chat template writes <think> reasoning blocks, which this "
                              f"renderer does not reproduce; only plain ChatML and Llama 3 templates are rendered")
         if self.family == "chatml":

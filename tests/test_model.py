@@ -484,9 +484,12 @@ def test_tokenizer_errors(tmp_path):
         tok.apply_chat_template([{"role": "user"}])
     with pytest.raises(ValueError, match="message 1 has role 'tool'; only system, user and assistant"):
         tok.render_chat([{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}])
-    tok.chat_template += "{{- '<|im_start|>assistant\\n<think>\\n' }}"  # as QwQ's generation prompt ends
-    with pytest.raises(ValueError, match="qwen2: the chat template writes <think> reasoning blocks"):
-        tok.render_chat([{"role": "user", "content": "Hi"}])
+    shutil.copytree(FIXTURES / "chat" / "qwen2", tmp_path / "qwq")
+    config = json.loads((tmp_path / "qwq" / "tokenizer_config.json").read_text())
+    config["chat_template"] += "{{- '<|im_start|>assistant\\n<think>\\n' }}"  # as QwQ's generation prompt ends
+    (tmp_path / "qwq" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="qwq: the chat template writes <think> reasoning blocks"):
+        M.load_tokenizer(tmp_path / "qwq").render_chat([{"role": "user", "content": "Hi"}])
 
 
 # -----------------------------------------------------------------------------
