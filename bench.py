@@ -626,31 +626,31 @@ def bench_padding(args):
     import tempfile
     import trace_gen
     from data import COLLATORS, BatchSampler, EncodedDataset, RecordFile, example_texts, load_tokenizer, train_tokenizer
-    tmp = tempfile.TemporaryDirectory()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        trace_gen.main(["--out", tmp.name, "--n-train", str(args.padding_n), "--n-eval", "0", "--no-progress"]
-                       + ["--toy"] * args.padding_toy)
-    data = {kind: RecordFile(f"{tmp.name}/{kind}.jsonl", kind) for kind in ("sft", "dpo", "iopo")}
-    texts = (t for i in range(len(data["sft"])) for t in example_texts("sft", data["sft"][i]))
-    tok = load_tokenizer(train_tokenizer(texts, 2000, f"{tmp.name}/tok"))
     print(f"padding share of one epoch's batches: {args.padding_n} synthetic TRACE instructions"
           f"{' (toy preset)' if args.padding_toy else ''}, a 2,000-token BPE, max_len 4096")
     print(f"{'method':>6} {'batch':>5} | {'random':>7} {'grouped':>7} | positions random / grouped")
-    for kind in ("sft", "dpo", "iopo"):
-        ds = EncodedDataset(data[kind], kind, tok, max_len=4096, check=False)
-        for batch_size in (4, 16):
-            shares = []
-            for group in (False, True):
-                sampler = BatchSampler(len(ds), batch_size, seed=0, group_by_length=group,
-                                       lengths=ds.lengths() if group else None)
-                padded = total = 0
-                for positions in sampler:
-                    mask = COLLATORS[kind]([ds[p] for p in positions], tok.pad_token_id)["attention_mask"]
-                    padded, total = padded + int((mask == 0).sum()), total + mask.numel()
-                shares.append((padded / total, total))
-            (r, rt), (g, gt) = shares
-            print(f"{kind:>6} {batch_size:>5} | {100 * r:6.1f}% {100 * g:6.1f}% | {rt:,} / {gt:,} ({gt / rt:.2f}x)")
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory() as tmp:  # the records are read from their files again as they are used
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trace_gen.main(["--out", tmp, "--n-train", str(args.padding_n), "--n-eval", "0", "--no-progress"]
+                           + ["--toy"] * args.padding_toy)
+        data = {kind: RecordFile(f"{tmp}/{kind}.jsonl", kind) for kind in ("sft", "dpo", "iopo")}
+        texts = (t for i in range(len(data["sft"])) for t in example_texts("sft", data["sft"][i]))
+        tok = load_tokenizer(train_tokenizer(texts, 2000, f"{tmp}/tok"))
+        for kind in ("sft", "dpo", "iopo"):
+            ds = EncodedDataset(data[kind], kind, tok, max_len=4096, check=False)
+            for batch_size in (4, 16):
+                shares = []
+                for group in (False, True):
+                    sampler = BatchSampler(len(ds), batch_size, seed=0, group_by_length=group,
+                                           lengths=ds.lengths() if group else None)
+                    padded = total = 0
+                    for positions in sampler:
+                        mask = COLLATORS[kind]([ds[p] for p in positions], tok.pad_token_id)["attention_mask"]
+                        padded, total = padded + int((mask == 0).sum()), total + mask.numel()
+                    shares.append((padded / total, total))
+                (r, rt), (g, gt) = shares
+                print(f"{kind:>6} {batch_size:>5} | {100 * r:6.1f}% {100 * g:6.1f}% | {rt:,} / {gt:,} "
+                      f"({gt / rt:.2f}x)")
 
 
 def main():

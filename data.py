@@ -706,8 +706,9 @@ class BatchSampler:
     save it with the checkpoint after training on a batch, and a restarted run continues with the next
     batch, exactly. With group_by_length, each chunk of 50 batches' worth of shuffled positions is sorted
     by length before it is cut into batches (so rows in a batch have similar lengths and little padding),
-    then the order of the batches is shuffled, so that lengths do not rise or fall through the epoch. A state saved after the last
-    batch of an epoch resumes with an empty pass over that epoch, then the next one."""
+    then the order of the batches is shuffled, so that lengths do not rise or fall through the epoch. A
+    state saved after the last batch of an epoch resumes with an empty pass over that epoch, then the next
+    one."""
 
     def __init__(self, n, batch_size, seed=0, shuffle=True, drop_last=False, lengths=None, group_by_length=False):
         if batch_size < 1 or n < 1:
