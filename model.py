@@ -627,8 +627,10 @@ def load_model(path, dtype=None, device="cpu"):
         dtype = DTYPES[dtype]
     config = ModelConfig.from_hf(path / "config.json")
     where = checkpoint_files(path)
-    if "lm_head.weight" not in where:  # no head in the file means it is tied to the embedding
-        config.tie_word_embeddings = True
+    if "lm_head.weight" not in where and not config.tie_word_embeddings:
+        # transformers would start such a head from random numbers and only warn; guessing "tied" would be no better
+        raise ValueError(f"missing tensor 'lm_head.weight' in {path}, and {path / 'config.json'} does not say "
+                         f"\"tie_word_embeddings\": true; set it there if the head is the embedding matrix")
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -319,12 +319,16 @@ def test_index_shards_stay_in_the_folder(tmp_path):
         M.load_model(d)
 
 
-def test_missing_lm_head_means_tied(tmp_path):
-    """A checkpoint without lm_head.weight loads with the head tied to the embedding."""
+def test_missing_lm_head_needs_tied_config(tmp_path):
+    """A checkpoint without lm_head.weight is refused unless config.json ties the head, then loads tied."""
     d = copy_fixture("llama_gqa_untied", tmp_path)
     weights = load_file(d / "model.safetensors")
     del weights["lm_head.weight"]
     save_file(weights, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor 'lm_head.weight'.*tie_word_embeddings"):
+        M.load_model(d)
+    hf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": True}))
     model = M.load_model(d)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
 
