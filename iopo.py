@@ -1359,10 +1359,13 @@ def train(cfg, given=()):
             grad_norm = grad_norm.full_tensor()
         keys = list(sums)
         values = torch.stack([sums[k].float() for k in keys] + [grad_norm.float()])
-        if world > 1:
+        if world > 1:  # the processes' token counts travel with the metrics (their shares may differ)
+            values = torch.cat([values, torch.tensor([float(n_tokens)], device=values.device)])
             dist.all_reduce(values)
             values /= world  # means over ranks (the grad norm is the same on every rank: its mean is itself)
         values = values.tolist()  # the one host-device synchronisation of the step
+        if world > 1:
+            n_tokens = round(values.pop() * world)
         row = {"step": step + 1, **dict(zip(keys, values[:-1])), "grad_norm": values[-1], "lr": lr}
         if not all(math.isfinite(v) for v in values):
             bar.close()
@@ -1371,7 +1374,7 @@ def train(cfg, given=()):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        row["tokens_per_s"] = n_tokens * world / elapsed
+        row["tokens"], row["tokens_per_s"] = n_tokens, n_tokens / elapsed  # tokens: the step's, padding left out
         if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and (is_main() or cfg.fsdp):
             model.eval()
             if ref_all is not None:
