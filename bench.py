@@ -455,6 +455,30 @@ def train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16, 
             torch.cuda.empty_cache()
 
 
+def packing_check(net, shape, device, bf16, n_instr=None):
+    """One line comparing the sequence log-prob sums of packed rows (mask and rows) with the unpacked ones, for
+    DPO and IOPO on the weights about to be timed: the tests check this in float32 on the CPU, this checks the
+    kernels the timings use (bf16, flash attention). Forward only, no gradient."""
+    import contextlib
+    import torch
+    import iopo
+    _, prompt, answer, default_n = TRAIN_SHAPES[shape]
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    parts = []
+    for method in ("dpo", "iopo"):
+        examples = _synthetic_examples(method, n_instr or default_n, prompt, answer, net.config.vocab_size)
+        sums = {}
+        for pack in (False, "mask", "rows"):
+            cfg = iopo.TrainConfig(method=method, pack=bool(pack))
+            batch = iopo.to_device(iopo.micro_batch(cfg, examples, 0, net.config.vocab_size), device)
+            with torch.no_grad(), autocast():
+                sums[pack] = iopo.reference_sums(cfg, iopo.Scorer(net, pack or "mask"), batch)  # (B, k)
+        scale = sums[False].abs().mean().item()
+        parts.append(f"{method.upper()} mean |sum| {scale:.1f}, max |packed - unpacked| " + ", ".join(
+            f"{p} {(sums[p] - sums[False]).abs().max().item():.3g}" for p in ("mask", "rows")))
+    return "packed vs unpacked log-prob sums (forward): " + "; ".join(parts)
+
+
 def train_cpu_worker(shape, method, pack, lora, warmup, steps, threads):
     """Runs in a fresh process: one CPU configuration; prints one JSON line (peak RSS above the built model)."""
     import json
@@ -544,6 +568,8 @@ def bench_train(args):
             except torch.cuda.OutOfMemoryError:
                 print(f"{shape} {'LoRA' if lora else 'full'}: out of memory while building the model", flush=True)
                 continue
+            if not args.train_compile:  # (compiled blocks would compile again for a no-grad forward)
+                print(packing_check(net, shape, device, bf16=True, n_instr=n_instr), flush=True)
             rows = []
             for m, p in runs:
                 try:
