@@ -77,8 +77,9 @@ def write_jsonl(path, rows):
 #
 # langdetect scores character n-grams against 55 Wikipedia-trained profiles. We decide in two steps that
 # rarely disagree with it on real answers: the writing system with the most letters picks a group of
-# languages, and inside a group that several languages share (Latin, Cyrillic, Arabic, Devanagari) the
-# language whose common function words occur most often wins. Like langdetect, URLs and e-mail addresses are
+# languages, and inside a group that several languages share (Latin, Cyrillic, Arabic, Devanagari) each
+# sentence votes, with its length, for the language whose common function words it holds most; the language
+# with the longest share of the text wins. Like langdetect, URLs and e-mail addresses are
 # ignored, Latin letters are ignored when other letters outnumber them more than two to one, and a text
 # without any letter from a known script has no answer (IFEval then counts the instruction as followed).
 #
@@ -195,15 +196,35 @@ def detect_language(text):
         return "vi"  # Vietnamese tone marks (Latin Extended Additional) are not used by any other language
     if script not in _STOPWORDS:
         return {"greek": "el", "hebrew": "he"}.get(script, script)
+    words = [w for w in (w.strip(_WORD_EDGES) for w in text.lower().split()) if w]
+    if script == "latin" and len(words) <= 3 and (not any(_function_word_votes(text, script).values())
+                                                  or text.isupper()):
+        return "und"  # too little evidence for langdetect to settle on English: see the note above
+    # Each sentence (or line) votes for its language with its length, so that one English sentence among
+    # Swahili ones does not win on English's denser function words; langdetect, too, reads the whole text.
+    share = collections.Counter()
+    for part in _SENTENCE_OR_LINE_RE.split(text):
+        votes = _function_word_votes(part, script)
+        if any(votes.values()):
+            share[max(votes, key=votes.get)] += len(part)  # ties go to the first listed language
+    if not share:
+        votes = _function_word_votes(text, script)
+        return max(votes, key=votes.get)
+    return max(share, key=share.get)
+
+
+_SENTENCE_OR_LINE_RE = re.compile(r"(?<=[.!?。！？।۔؟])\s+|\n+")
+
+
+def _function_word_votes(text, script):
+    """{language: evidence in text} inside one script group: function words, telling letters, word endings."""
     words = [w.strip(_WORD_EDGES) for w in text.lower().split()]  # not \w+: it breaks Indic words at vowel signs
     score = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS[script].items()}
     for lang, (letters, weight) in _LETTER_HINTS.get(script, {}).items():
         score[lang] += weight * sum(text.count(c) for c in letters)
     for lang, endings in _ENDING_HINTS.get(script, {}).items():
         score[lang] += sum(1 for w in words if len(w) > 3 and w.endswith(endings))
-    if script == "latin" and sum(1 for w in words if w) <= 3 and (not any(score.values()) or text.isupper()):
-        return "und"  # too little evidence for langdetect to settle on English: see the note above
-    return max(score, key=score.get)  # ties go to the first listed language
+    return score
 
 
 # -----------------------------------------------------------------------------

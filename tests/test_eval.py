@@ -208,6 +208,18 @@ def test_language_identification():
     assert E.detect_language("42 + 7 = 49 !!!") is None
 
 
+def test_language_is_the_one_most_of_the_text_is_in():
+    """Four Swahili sentences and one English one are Swahili (English's denser function words outvoted them
+    when the whole text voted at once, unlike langdetect); four English and one Swahili are English."""
+    sw = ("Habari za asubuhi. Leo tunajifunza kuhusu historia ya Afrika Mashariki na utamaduni wake. Watu "
+          "wengi wanapenda kusoma vitabu vya hadithi. Kila siku ninaenda sokoni kununua matunda na mboga.")
+    en_line = "This is the last sentence and it is written in English for the readers of the text."
+    en = " ".join([en_line, "The market was busy in the morning.", "We bought bread for all of them.",
+                   "It was a good day for a walk."])
+    got = E.detect_language(sw + "\n" + en_line), E.detect_language(en + " " + LANGUAGE_SAMPLES["sw"])
+    assert got == ("sw", "en"), got
+
+
 def test_short_latin_texts_are_undetermined():
     """At most three words, all in capitals or without any function word: 'und'; a function word decides."""
     for text in ("YES", "A", "etchings", '"coastal elegance properties"', "THE END"):
