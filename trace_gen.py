@@ -162,6 +162,7 @@ CURLY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"
 CURLY_RE = re.compile("[\u2018\u2019\u201c\u201d]")
 TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
 NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
+END_MARKS_RE = re.compile(r"[!?]+")
 
 
 def count_words(text):
@@ -178,6 +179,12 @@ def split_sentences(text):
     if any(a in prose.lower() for a in ("p.s.", "e.g.", "i.e.")):  # (a scan of the text is cheaper than the regex)
         prose = NO_BREAK_RE.sub(lambda m: m[0].replace(".", "\0"), prose)
     return [s.replace("\0", ".") for s in SENT_SPLIT_RE.split(prose) if WORD_RE.search(s)]
+
+
+def count_end_marks(text, mark):
+    """Sentence ends marked with `mark` ("!" or "?"): a run of "!" and "?" ends one sentence, so "Wow!!" is one
+    exclamation, as a reader counts it, and "Really?!" one question and one exclamation."""
+    return sum(1 for run in END_MARKS_RE.findall(text) if mark in run) if mark in text else 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -874,12 +881,13 @@ class ToneRegister(Family):
         return {"style": rng.choice(["formal", "formal", "casual", "enthusiastic"])}
 
     def check(self, p, r):
-        """formal: no contraction (CONTRACTION_RE) and no '!'; casual: >= 2 contractions; enthusiastic: >= 2 '!'."""
+        """formal: no contraction (CONTRACTION_RE) and no '!'; casual: >= 2 contractions; enthusiastic: >= 2
+        exclamations (count_end_marks: "!!" is one)."""
         if p["style"] == "formal":
             return "!" not in r and not CONTRACTION_RE.search(r)
         if p["style"] == "casual":
             return len(CONTRACTION_RE.findall(r)) >= 2
-        return r.count("!") >= 2
+        return count_end_marks(r, "!") >= 2
 
     def write(self, d, p):
         if p["style"] == "formal":
@@ -943,8 +951,8 @@ class Questions(Family):
         return {"k": rng.randint(1, 3)}
 
     def check(self, p, r):
-        """Number of '?' characters >= k."""
-        return r.count("?") >= p["k"]
+        """Questions (count_end_marks: "??" is one) >= k."""
+        return count_end_marks(r, "?") >= p["k"]
 
     def write(self, d, p):
         d.extra += ["Why not start today?", "What could be better?", "Who would not enjoy that?"][:p["k"]]

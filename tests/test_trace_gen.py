@@ -237,6 +237,17 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     assert c("postscript", "Body.\n\nP.S. Bye.", marker="P.S.") and not c("postscript", "P.S. Hi.\n\nBody.", marker="P.S.")
 
 
+def test_a_run_of_end_marks_counts_once():
+    """"Wow!!" is one exclamation and "Really??" one question, as a reader counts them; "Really?!" is one of each."""
+    c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
+    for r, want in [("Wow!! Tea is nice.", False), ("Wow! Tea is nice!", True), ("Really?! Great!", True)]:
+        got = c("tone_register", r, style="enthusiastic")
+        assert got == want, f"enthusiastic (>= 2 exclamations) on {r!r}: {got}, expected {want}"
+    for r, want in [("Really?? Yes.", False), ("Really?! Why not?", True), ("Why??? Why not?!", True)]:
+        got = c("questions", r, k=2)
+        assert got == want, f"questions k=2 on {r!r}: {got}, expected {want}"
+
+
 def test_determinism_same_seed_same_output():
     """The same seed gives byte-identical data; another seed does not."""
     a = tg.generate_data(30, 12, seed=9, progress=False)
