@@ -189,17 +189,30 @@ def count_end_marks(text, mark):
 
 @functools.lru_cache(maxsize=4096)
 def _word_re(word):
-    return re.compile(r"(?<![A-Za-z0-9])" + re.escape(word) + r"(?![A-Za-z0-9])", re.I)
+    # any whitespace run between a phrase's words, a line break included, reads as the one space it stands for
+    return re.compile(r"(?<![A-Za-z0-9])" + r"\s+".join(map(re.escape, word.split())) + r"(?![A-Za-z0-9])", re.I)
+
+
+def _may_hold(text, word):
+    """False when the phrase's first word is not even a substring of text (saves the regex on most texts)."""
+    return (word.split() or [""])[0].lower() in text.lower()
 
 
 def count_word(text, word):
-    """Case-insensitive occurrences of a word or phrase, not inside a longer word."""
-    return len(_word_re(word).findall(text)) if word.lower() in text.lower() else 0
+    """Case-insensitive occurrences of a word or phrase, not inside a longer word; a line break or several
+    spaces between the phrase's words count as one space ("in the long\\nrun" is "in the long run")."""
+    return len(_word_re(word).findall(text)) if _may_hold(text, word) else 0
 
 
 def has_word(text, word):
     """count_word(text, word) > 0, without counting."""
-    return word.lower() in text.lower() and _word_re(word).search(text) is not None
+    return _may_hold(text, word) and _word_re(word).search(text) is not None
+
+
+def one_spaced(text):
+    """text with each whitespace run, line breaks included, as one space and none at either end: what the
+    substring checks (process steps, foreign sentences, end phrases) compare, as a reader would."""
+    return " ".join(text.split())
 
 
 def _line_starts(text, label):
@@ -336,8 +349,7 @@ class Draft:
         self.merge = False         # join the body into one long sentence (spoils sentence minimums)
 
     def _ok(self, sentence):
-        low = sentence.lower()
-        return not any((w.lower() in low) and _word_re(w).search(sentence) for w in self.avoid)
+        return not any(has_word(sentence, w) for w in self.avoid)
 
     def _body(self):
         ctx = self.ctx
@@ -826,9 +838,10 @@ class ProcessOrder(Family):
         return {"steps": list(ctx["steps"]), "order": "given" if rng.random() < 0.6 else "reverse"}
 
     def check(self, p, r):
-        """Each step phrase occurs (case-insensitive); first occurrences increase (given) or decrease (reverse)."""
-        low = r.lower()
-        pos = [low.find(s.lower()) for s in p["steps"]]
+        """Each step phrase occurs (case-insensitive, whitespace runs as one space: one_spaced); first
+        occurrences increase (given) or decrease (reverse)."""
+        low = one_spaced(r.lower())
+        pos = [low.find(one_spaced(s.lower())) for s in p["steps"]]
         if min(pos) < 0:
             return False
         pos = pos if p["order"] == "given" else pos[::-1]
@@ -997,9 +1010,10 @@ class ForeignSentence(Family):
         return {"language": lang, "options": FOREIGN[lang]}
 
     def check(self, p, r):
-        """One of the given sentences occurs (case-insensitive; its final period optional)."""
-        low = r.lower()
-        return any(s.lower().rstrip(".") in low for s in p["options"])
+        """One of the given sentences occurs (case-insensitive, whitespace runs as one space; its final period
+        optional)."""
+        low = one_spaced(r.lower())
+        return any(one_spaced(s.lower()).rstrip(".") in low for s in p["options"])
 
     def write(self, d, p):
         d.extra.append(p["options"][0])
@@ -1126,8 +1140,9 @@ class EndPhrase(Family):
         return {"phrase": rng.choice(ctx.get("end_phrases", END_PHRASES))}
 
     def check(self, p, r):
-        """Stripped response, outer '"' removed, ends with the phrase (case-insensitive)."""
-        return r.strip().strip('"').lower().endswith(p["phrase"].lower())
+        """Stripped response, outer '"' removed, ends with the phrase (case-insensitive, whitespace runs as one
+        space)."""
+        return one_spaced(r.strip().strip('"').lower()).endswith(one_spaced(p["phrase"].lower()))
 
     def write(self, d, p):
         d.end = p["phrase"]

@@ -248,6 +248,25 @@ def test_a_run_of_end_marks_counts_once():
         assert got == want, f"questions k=2 on {r!r}: {got}, expected {want}"
 
 
+def test_a_phrase_written_across_a_line_break_is_read_as_on_one_line():
+    """A whitespace run (line break, double space) inside a phrase reads as one space, for phrases the answer must
+    include (it counts) and for those it must not (it breaks the constraint)."""
+    c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
+    cases = [("include_phrase", "Save a little,\nin the long\nrun it adds up.", {"phrase": "in the long run"}, True),
+             ("role_intro", "As a\nchef, I cook.", {"phrase": "As a chef"}, True),
+             ("theme_repeat", "Green\ntea is calm. Green  tea is warm.", {"topic": "green tea", "k": 2}, True),
+             ("nl_process_order", "First mix the\nflour, then knead the dough.", {"steps": ["mix the flour", "knead the dough"],
+                                                                                  "order": "given"}, True),
+             ("foreign_sentence", "Bye. Merci pour\nvotre lecture.", {"language": "French",
+                                                                      "options": ["Merci pour votre lecture."]}, True),
+             ("end_phrase", "That was all. Thanks for\nreading.", {"phrase": "Thanks for reading."}, True),
+             ("negative_example", "And at the end\nof the day, it is fine.", {"phrase": "At the end of the day"}, False),
+             ("exclude_words", "It was, as a matter\nof fact, fine.", {"words": ["as a matter of fact"]}, False)]
+    for fam, r, params, want in cases:
+        got = c(fam, r, **params)
+        assert got == want, f"{fam} {params} on {r!r}: {got}, expected {want}"
+
+
 def test_determinism_same_seed_same_output():
     """The same seed gives byte-identical data; another seed does not."""
     a = tg.generate_data(30, 12, seed=9, progress=False)
