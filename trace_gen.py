@@ -163,6 +163,9 @@ CURLY_RE = re.compile("[\u2018\u2019\u201c\u201d]")
 TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
 NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
 END_MARKS_RE = re.compile(r"[!?]+")
+# "4,512" and "1,234,567": a lead of 1-3 digits, then groups of exactly three after a comma with no space, so
+# that "1, 2, 3", "1,2" and "1,2345" stay apart
+GROUPED_NUMBER_RE = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 
 
 def count_words(text):
@@ -207,6 +210,11 @@ def count_word(text, word):
 def has_word(text, word):
     """count_word(text, word) > 0, without counting."""
     return _may_hold(text, word) and _word_re(word).search(text) is not None
+
+
+def ungrouped(text):
+    """text with thousands separators dropped from grouped numbers (GROUPED_NUMBER_RE): "4,512" -> "4512"."""
+    return GROUPED_NUMBER_RE.sub(lambda m: m[0].replace(",", ""), text) if "," in text else text
 
 
 def one_spaced(text):
@@ -868,8 +876,9 @@ class Lookup(Family):
         return {"question": question, "value": value}
 
     def check(self, p, r):
-        """The value the input holds for the asked key occurs as a whole word (case-insensitive)."""
-        return has_word(r, p["value"])
+        """The value the input holds for the asked key occurs as a whole word (case-insensitive), numbers read
+        without thousands separators ("4,512" is 4512, and holds no 512: ungrouped)."""
+        return has_word(ungrouped(r), ungrouped(p["value"]))
 
     def write(self, d, p):
         d.extra.append(f"According to the input, {p['question']} is {p['value']}.")

@@ -267,6 +267,20 @@ def test_a_phrase_written_across_a_line_break_is_read_as_on_one_line():
         assert got == want, f"{fam} {params} on {r!r}: {got}, expected {want}"
 
 
+def test_a_number_with_thousands_separators_is_one_number():
+    """"4,512" reads as 4512 (and no longer holds a 512), while "1, 2, 3", "1,2" and "1,2345" are not merged."""
+    c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
+    cases = [("table_lookup", "Lumora has 4,512 people.", "4512", True),
+             ("table_lookup", "Lumora has 4,512 people.", "512", False),
+             ("passage_fact", "It has 1,234,567 members.", "1234567", True),
+             ("passage_fact", "Values: 1, 234 and 5.", "1234", False),
+             ("passage_fact", "Values: 1,2345 and 5.", "12345", False),
+             ("passage_fact", "Values: 12,34 and 5.", "34", True)]
+    for fam, r, value, want in cases:
+        got = c(fam, r, question="the value", value=value)
+        assert got == want, f"{fam} value {value!r} on {r!r}: {got}, expected {want}"
+
+
 def test_determinism_same_seed_same_output():
     """The same seed gives byte-identical data; another seed does not."""
     a = tg.generate_data(30, 12, seed=9, progress=False)
