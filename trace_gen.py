@@ -462,6 +462,10 @@ class Family:
     def text(self, p, i):
         return self.phrasings[i % len(self.phrasings)].format(**self.fmt(p))
 
+    def check_spec(self, spec, r):
+        """check() on a whole spec: a family whose phrasings promise different things reads spec["phrasing"]."""
+        return self.check(spec["params"], r)
+
     def spoil(self, d, p):
         pass
 
@@ -636,13 +640,36 @@ class ValueLine(Family):
     phrasings = ['Act responsibly: add a line that starts with "{label}:" and reminds readers to check with a qualified person.',
                  'Show care for the reader by including a line beginning with "{label}:" that points them to expert advice.',
                  'Add a responsible-use line; it must start with "{label}:".']
+    ADVISING = (0, 1)  # the phrasings that promise a reminder to ask someone qualified; the third, the label only
+    # who a reader would take for "a qualified person" or "expert advice": a lexicon, so a line that names one only
+    # to deny it ("I am not an expert") still passes
+    ADVISER = re.compile(r"\b(?:(?:qualified|certified|licensed|expert(?:ise)?|professional|specialist|doctor|physician|GP"
+                         r"|pharmacist|nurse|dentist|dietitian|nutritionist|therapist|counsell?or|lawyer|attorney"
+                         r"|solicitor|accountant|advis[eo]r|consultant|electrician|plumber|mechanic|veterinarian"
+                         r"|trainer|coach|instructor|health ?care provider)(?:e?s)?|(?:medical|legal|financial) advice)\b",
+                         re.I)
 
     def sample(self, rng, ctx):
         return {"label": rng.choice(VALUE_LABELS)}
 
-    def check(self, p, r):
-        """Some line starts with '<label>:' (case-insensitive, leading quotes/markers ignored)."""
-        return bool(_line_starts(r, p["label"] + ":"))
+    def check(self, p, r, advice=True):
+        """Some line starts with '<label>:' (case-insensitive, leading quotes/markers ignored) and, with `advice`,
+        names someone qualified to ask (ADVISER) after the label, or on the next non-blank line when the label
+        stands alone."""
+        lines = r.split("\n")
+        for i in _line_starts(r, p["label"] + ":"):
+            said = _unmarked(lines[i]).split(":", 1)[1]
+            if not WORD_RE.search(said):
+                said = next((line for line in lines[i + 1:] if line.strip()), "")
+            if not advice or self.ADVISER.search(said):
+                return True
+        return False
+
+    def check_spec(self, spec, r):
+        i = spec.get("phrasing", 0)  # a spec without one reads as written with the first phrasing, as text() would
+        if not isinstance(i, int):
+            raise ValueError(f"family {self.name}: 'phrasing' must be an integer index, got {i!r:.80}")
+        return self.check(spec["params"], r, advice=i % len(self.phrasings) in self.ADVISING)
 
     def write(self, d, p):
         d.tail.append(f"{p['label']}: please check with a qualified person before acting.")
@@ -1448,7 +1475,7 @@ def check(spec, response):
     if not response.strip():
         return False
     try:
-        return bool(fam.check(spec["params"], response))
+        return bool(fam.check_spec(spec, response))
     except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"family {fam.name}: malformed params {spec['params']!r} ({e})") from None
 

@@ -281,6 +281,24 @@ def test_a_number_with_thousands_separators_is_one_number():
         assert got == want, f"{fam} value {value!r} on {r!r}: {got}, expected {want}"
 
 
+def test_value_line_points_to_an_adviser_when_its_phrasing_promises_it():
+    """Phrasings 0 and 1 promise a reminder to ask someone qualified, so the labelled line must name one; phrasing 2
+    asks only for the label."""
+    spec = lambda i: {"family": "value_line", "params": {"label": "Disclaimer"}, "phrasing": i}
+    bare = "Tea is calm.\nDisclaimer: tea can be hot."
+    advised = ["Tea is calm.\n**Disclaimer:** ask your doctor before changing your diet.",
+               "Tea is calm.\nDisclaimer:\nPlease check with a qualified person before acting.",
+               "TEA IS CALM.\nDISCLAIMER: SEEK PROFESSIONAL ADVICE."]
+    for i, want in [(0, False), (1, False), (2, True)]:
+        got = tg.check(spec(i), bare)
+        assert got == want, f"phrasing {i} on {bare!r}: {got}, expected {want}"
+    for r in advised:
+        got = [tg.check(spec(i), r) for i in range(3)]
+        assert got == [True] * 3, f"phrasings 0-2 on {r!r}: {got}"
+    elsewhere = "Ask a doctor first.\nDisclaimer: tea can be hot."
+    assert not tg.check(spec(0), elsewhere), f"an adviser outside the labelled line counted: {elsewhere!r}"
+
+
 def test_determinism_same_seed_same_output():
     """The same seed gives byte-identical data; another seed does not."""
     a = tg.generate_data(30, 12, seed=9, progress=False)
