@@ -13,7 +13,8 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    checker, a writer hook that makes a draft comply, a spoil hook that makes it violate, and a REVISE edit.
 2. Subjective dimensions get verifiable proxies that the constraint text itself states:
    Theme: the topic is named at least k times.  Exclusion: a listed word never appears / no commas.
-   Inclusion: keywords, a keyword k times, an exact phrase.  Value: a line starting with a responsibility label.
+   Inclusion: keywords, a keyword k times, an exact phrase.  Value: a line starting with a responsibility label
+   that names someone qualified to ask, where the wording promises that.
    Privacy: e-mails and phones of the input records never appear, the given mask appears once per secret.
    Numerical: word-count range, word ceiling, sentence minimum.  Role-Playing: the words "As a <role>".
    Target Audience: the audience is named and no sentence exceeds N words.  Prior Condition: a conditional
@@ -45,8 +46,10 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
 8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
    labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
-   curly quotes read as straight ones and labels may be bold. What the checkers still read more loosely than
-   a person would ("!!" counted twice, a line break inside a phrase) is listed in the README.
+   curly quotes read as straight ones and labels may be bold; "Wow!!" is one exclamation and "Really??" one
+   question; a line break or several spaces inside a phrase read as one space, both where the phrase must
+   appear and where it must not; a look-up reads "4,512" as 4512. Still looser than a person: the adviser on
+   a responsible-use line is found by a word list, so "I am not an expert" passes (see the README).
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
