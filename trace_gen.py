@@ -1015,9 +1015,10 @@ class Questions(Family):
 
 class Simile(Family):
     name, dimension, fields, slot = "simile", "Linguistic Characteristics", ("form",), "simile"
-    FORMS = {"like": (r"\blike an? [a-z]+", "It works like a well-kept clock."),
+    # \s+ between the words, so that a simile broken across a line still counts
+    FORMS = {"like": (r"\blike\s+an?\s+[a-z]+", "It works like a well-kept clock."),
              # "as well as", "as soon as", ... are set phrases, not comparisons
-             "as": (r"\bas (?!(?:well|soon|long|far|much|many) as\b)[a-z]+ as\b", "It is as steady as a rock.")}
+             "as": (r"\bas\s+(?!(?:well|soon|long|far|much|many)\s+as\b)[a-z]+\s+as\b", "It is as steady as a rock.")}
     phrasings = ["Use at least one simile written with {form}.", "Include a comparison in the form of a simile using {form}."]
 
     def fmt(self, p):

@@ -261,7 +261,10 @@ def test_a_phrase_written_across_a_line_break_is_read_as_on_one_line():
                                                                       "options": ["Merci pour votre lecture."]}, True),
              ("end_phrase", "That was all. Thanks for\nreading.", {"phrase": "Thanks for reading."}, True),
              ("negative_example", "And at the end\nof the day, it is fine.", {"phrase": "At the end of the day"}, False),
-             ("exclude_words", "It was, as a matter\nof fact, fine.", {"words": ["as a matter of fact"]}, False)]
+             ("exclude_words", "It was, as a matter\nof fact, fine.", {"words": ["as a matter of fact"]}, False),
+             ("simile", "It works like a\nclock.", {"form": "like"}, True),
+             ("simile", "It is as steady\nas a rock.", {"form": "as"}, True),
+             ("simile", "Tea as well\nas coffee.", {"form": "as"}, False)]
     for fam, r, params, want in cases:
         got = c(fam, r, **params)
         assert got == want, f"{fam} {params} on {r!r}: {got}, expected {want}"
