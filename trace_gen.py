@@ -166,6 +166,7 @@ CURLY_RE = re.compile("[\u2018\u2019\u201c\u201d]")
 TOKEN_RE = re.compile(r"\S*[A-Za-z0-9\u00c0-\u024f]\S*")  # a whitespace-free run holding a letter or digit
 NO_BREAK_RE = re.compile(r"\b(?:P\.P\.S\.|P\.S\.|e\.g\.|i\.e\.)", re.I)  # periods that end no sentence
 END_MARKS_RE = re.compile(r"[!?]+")
+URL_RE = re.compile(r"\b(?:https?://|www\.)\S+", re.I)  # a query's "?" in a link ends no sentence
 # "4,512" and "1,234,567": a lead of 1-3 digits, then groups of exactly three after a comma with no space, so
 # that "1, 2, 3", "1,2" and "1,2345" stay apart
 GROUPED_NUMBER_RE = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
@@ -189,8 +190,10 @@ def split_sentences(text):
 
 def count_end_marks(text, mark):
     """Sentence ends marked with `mark` ("!" or "?"): a run of "!" and "?" ends one sentence, so "Wow!!" is one
-    exclamation, as a reader counts it, and "Really?!" one question and one exclamation."""
-    return sum(1 for run in END_MARKS_RE.findall(text) if mark in run) if mark in text else 0
+    exclamation, as a reader counts it, and "Really?!" one question and one exclamation. Links are skipped."""
+    if mark not in text:
+        return 0
+    return sum(1 for run in END_MARKS_RE.findall(URL_RE.sub(" ", text)) if mark in run)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -238,12 +238,14 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
 
 
 def test_a_run_of_end_marks_counts_once():
-    """"Wow!!" is one exclamation and "Really??" one question, as a reader counts them; "Really?!" is one of each."""
+    """"Wow!!" is one exclamation and "Really??" one question, as a reader counts them; "Really?!" is one of each;
+    the "?" of a link's query is none."""
     c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
     for r, want in [("Wow!! Tea is nice.", False), ("Wow! Tea is nice!", True), ("Really?! Great!", True)]:
         got = c("tone_register", r, style="enthusiastic")
         assert got == want, f"enthusiastic (>= 2 exclamations) on {r!r}: {got}, expected {want}"
-    for r, want in [("Really?? Yes.", False), ("Really?! Why not?", True), ("Why??? Why not?!", True)]:
+    for r, want in [("Really?? Yes.", False), ("Really?! Why not?", True), ("Why??? Why not?!", True),
+                    ("See https://example.com/find?q=tea today. Why not?", False)]:
         got = c("questions", r, k=2)
         assert got == want, f"questions k=2 on {r!r}: {got}, expected {want}"
 
