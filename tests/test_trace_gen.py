@@ -415,3 +415,14 @@ def test_bad_params_and_counts_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"error: --out .*f is a file"):
         tg.main(["--out", str(tmp_path / "f"), "--n-train", "2", "--n-eval", "2", "--toy", "--no-progress"])
     assert (tmp_path / "f").read_text() == "keep" and not (tmp_path / "o").exists()
+
+
+def test_a_phone_number_leaks_in_any_spacing():
+    """privacy_mask: "555-0142" written as "555 0142", "(555) 0142", "5550142" or with a country code is still
+    the secret; 15550142 is another number."""
+    spec = lambda: {"family": "privacy_mask", "params": {"secrets": ["ana@example.com", "555-0142"], "mask": "[hidden]"}}
+    for shown, leaked in [("555 0142", True), ("(555) 0142", True), ("5550142", True), ("555.01 42", True),
+                          ("+1 555 0142", True), ("15550142", False), ("[hidden]", False)]:
+        r = f"Write to [hidden] or call {shown}. Thanks, [hidden]."
+        got = tg.check(spec(), r)
+        assert got == (not leaked), f"{r!r}: check {got}, expected {not leaked}"
