@@ -1,7 +1,7 @@
 """The network every other script stands on: a Llama / Qwen2 / Mistral decoder that loads and saves Hugging Face
 checkpoints, their tokenizer and chat template, and batched generation with a KV cache.
 
-    python model.py --model runs/toy --prompt "Write two sentences about rivers."          # a checkpoint we trained
+    python model.py --model runs/toy/seed0/iopo/final --prompt "Write two sentences about rivers."  # after `python iopo.py`
     python model.py --model ~/models/Qwen2-0.5B-Instruct --prompt "Name three rivers."    # a real HF checkpoint
 
 Papers: Llama (arXiv 2302.13971; RMSNorm, SwiGLU, rotary embeddings), GQA (arXiv 2305.13245), RoPE (arXiv
@@ -61,7 +61,7 @@ class ModelConfig:
     num_attention_heads: int = 4  # query heads H
     num_key_value_heads: int = 2  # key/value heads; H must be a multiple (GQA; == H is plain multi-head)
     head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048  # longest sequence the model was trained for (used by llama3 RoPE)
+    max_position_embeddings: int = 2048  # longest sequence the model was trained for (generate warns past it)
     rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} or None
@@ -246,7 +246,7 @@ PRESETS = {
 
 
 def toy_config(vocab_size, preset="toy", **overrides):
-    """A tied-embedding Llama of one of the PRESETS sizes (toy: about 3.4M parameters plus 256 * vocab_size)."""
+    """A tied-embedding Llama of one of the PRESETS sizes (toy: about 2.9M parameters plus 256 * vocab_size)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
     kwargs = dict(PRESETS[preset], model_type="llama", vocab_size=vocab_size, tie_word_embeddings=True,
@@ -339,45 +339,9 @@ def apply_rope(x, cos, sin):
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@dataclass
-class PackedRows:
-    """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_views).
-
-    The other way to keep y_b from seeing y_a is an explicit (T x T) mask, which takes SDPA off its causal
-    kernels (flash on the GPU). Here instead two causal passes, each over one answer's own [x, y]:
-    [x, y_a] is a prefix of every packed row, so the first pass is the slice [:TA] (TA = a_index.shape[1],
-    the longest [x, y_a]); [x, y_b] is gathered (b_index, (R, TB)), and its y_b outputs are written into the
-    packed row (flat b_src -> b_dst). No mask is built; x's attention is computed twice, which is what an
-    unpacked batch computes too, while everything else in the block sees x once."""
-    a_index: torch.Tensor  # (R, TA) 0..TA-1 per row: the positions of [x, y_a]. Only its shape is read: a
-    # size that torch.compile can treat as dynamic, where a Python int would be specialised (a recompile per TA)
-    b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
-    b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
-    b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
-
-
 def repeat_kv(t, n):
     """GQA: (B, KV, S, hd) -> (B, KV * n, S, hd), each key/value head serving n consecutive query heads."""
     return t if n == 1 else t.repeat_interleave(n, dim=1)
-
-
-def packed_rows_attention(q, k, v, rows):
-    """Causal attention for PackedRows: q (R, H, T, hd), k and v (R, KV, T, hd), RoPE applied -> (R, H, T, hd)."""
-    R, H, T, hd = q.shape
-    n, TA = H // k.shape[1], rows.a_index.shape[1]
-    # Pass 1, [x, y_a]: the first TA positions of every row. Where a row's [x, y_a] is shorter, the positions
-    # up to TA hold its y_b or padding: causality keeps [x, y_a] from seeing them, and their outputs are
-    # replaced (y_b, by pass 2) or never read (padding). Outputs from TA on start as zeros.
-    a = lambda t: t[:, :, :TA]
-    y = F.scaled_dot_product_attention(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), is_causal=True)
-    y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
-    gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
-    # k and v are gathered before the GQA repeat: H / KV times fewer rows to copy
-    y_b = F.scaled_dot_product_attention(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), is_causal=True)
-    flat = y.transpose(1, 2).reshape(R * T, H * hd)
-    flat_b = y_b.transpose(1, 2).reshape(-1, H * hd)
-    flat = flat.index_copy(0, rows.b_dst, flat_b.index_select(0, rows.b_src))  # y_b's rows from the second pass
-    return flat.view(R, T, H, hd).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -404,7 +368,7 @@ class Attention(nn.Module):
         # or PackedRows (shared-prompt rows [x, y_a, y_b])
         n = self.n_heads // self.n_kv
         with sdpa_kernel(CUDA_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-            if isinstance(mask, PackedRows):
+            if isinstance(mask, PackedRows):  # training on packed rows: see the section after Block
                 y = packed_rows_attention(q, k, v, mask)
             elif isinstance(mask, torch.Tensor):
                 y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=mask)
@@ -435,6 +399,46 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# Packed rows (training only): shared-prompt rows [x, y_a, y_b] attended in two causal passes
+
+
+@dataclass
+class PackedRows:
+    """Attention layout of shared-prompt rows [x, y_a, y_b] (data.collate_packed, data.packed_views).
+
+    The other way to keep y_b from seeing y_a is an explicit (T x T) mask, which takes SDPA off its causal
+    kernels (flash on the GPU). Here instead two causal passes, each over one answer's own [x, y]:
+    [x, y_a] is a prefix of every packed row, so the first pass is the slice [:TA] (TA = a_index.shape[1],
+    the longest [x, y_a]); [x, y_b] is gathered (b_index, (R, TB)), and its y_b outputs are written into the
+    packed row (flat b_src -> b_dst). No mask is built; x's attention is computed twice, which is what an
+    unpacked batch computes too, while everything else in the block sees x once."""
+    a_index: torch.Tensor  # (R, TA) 0..TA-1 per row: the positions of [x, y_a]. Only its shape is read: a
+    # size that torch.compile can treat as dynamic, where a Python int would be specialised (a recompile per TA)
+    b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
+    b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
+    b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
+
+
+def packed_rows_attention(q, k, v, rows):
+    """Causal attention for PackedRows: q (R, H, T, hd), k and v (R, KV, T, hd), RoPE applied -> (R, H, T, hd)."""
+    R, H, T, hd = q.shape
+    n, TA = H // k.shape[1], rows.a_index.shape[1]
+    # Pass 1, [x, y_a]: the first TA positions of every row. Where a row's [x, y_a] is shorter, the positions
+    # up to TA hold its y_b or padding: causality keeps [x, y_a] from seeing them, and their outputs are
+    # replaced (y_b, by pass 2) or never read (padding). Outputs from TA on start as zeros.
+    a = lambda t: t[:, :, :TA]
+    y = F.scaled_dot_product_attention(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), is_causal=True)
+    y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
+    gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
+    # k and v are gathered before the GQA repeat: H / KV times fewer rows to copy
+    y_b = F.scaled_dot_product_attention(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), is_causal=True)
+    flat = y.transpose(1, 2).reshape(R * T, H * hd)
+    flat_b = y_b.transpose(1, 2).reshape(-1, H * hd)
+    flat = flat.index_copy(0, rows.b_dst, flat_b.index_select(0, rows.b_src))  # y_b's rows from the second pass
+    return flat.view(R, T, H, hd).transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -504,8 +508,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Normal(0, 0.02) everywhere, and 0.02 / sqrt(2 * layers) for the two projections that write into the
-        residual stream, so its variance does not grow with depth (GPT-2 paper, sec. 2.3)."""
+        """Norm weights 1 and biases 0; matrices Normal(0, 0.02), and 0.02 / sqrt(2 * layers) for the two
+        projections that write into the residual stream, so its variance does not grow with depth (GPT-2 paper,
+        sec. 2.3)."""
         if self.lm_head.weight.is_meta:  # load_model builds on the meta device and assigns real tensors
             return
         std = 0.02
@@ -521,8 +526,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side, a
-        (B, 1, T, T) bool mask, True where query t may see key s, or PackedRows (both need position_ids and
-        no cache).
+        (B, 1, T, T) bool mask, True where query t may see key s, or PackedRows (both need position_ids, no
+        cache and no sliding window).
         Returns the final-norm hidden states (B, T, D); logits would be hidden @ self.lm_head.weight.T."""
         B, T = input_ids.shape
         packed = isinstance(attention_mask, PackedRows)
@@ -551,12 +556,15 @@ class Transformer(nn.Module):
         else:
             # Reading the mask waits for the GPU, so only when there is one to read (a training step passes none)
             padded = (attention_mask is not None or kv_cache is not None) and not bool(mask.all())
+            # Per window size, what Attention gets: None, plain causal (training, or a prompt with no padding);
+            # "all", one new token that sees the whole cache; or a (B, 1, T, S) tensor for padding, a window
+            # shorter than the keys, or several new tokens after a cache
             masks = {}
             for window in set(windows):
                 if padded or (window is not None and past + T > window) or (past > 0 and T > 1):
                     masks[window] = attention_mask_for(mask, past, T, window)
                 else:
-                    masks[window] = "all" if past > 0 else None  # SDPA's own causal path (no mask tensor)
+                    masks[window] = "all" if past > 0 else None  # no mask tensor: SDPA's own paths
 
         for layer, window in zip(self.model.layers, windows):
             layer_mask = masks[window]
