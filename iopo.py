@@ -324,12 +324,6 @@ def token_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto", chunk
     return out
 
 
-def sequence_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto"):
-    """Per-row sums L(y|x) over scored tokens, and the number of scored tokens: ((B,), (B,)) from (B, T) labels."""
-    token_logps = token_logprobs(hidden, weight, labels, ignore_index=ignore_index, impl=impl)  # (B, T)
-    return token_logps.sum(dim=-1), (labels != ignore_index).sum(dim=-1)
-
-
 # --- losses
 #
 # Pure functions of per-sequence log-probs L(y|x) (sums over response tokens, SPEC §1), batch means.
@@ -338,15 +332,16 @@ def sequence_logprobs(hidden, weight, labels, ignore_index=-100, impl="auto"):
 
 
 def sft_loss(token_logps, mask, n_tokens=None):
-    """Mean negative log-likelihood over response tokens: -sum_t mask_t log p_t / sum_t mask_t (a scalar).
-    n_tokens, when given, is the denominator instead: training passes the scored tokens of the whole global
-    micro-batch, so that every process divides by the same count."""
+    """Mean negative log-likelihood over response tokens: -sum_t mask_t log p_t / sum_t mask_t, and no metrics.
+    n_tokens, when given, is the denominator instead. Under torchrun, training passes the global micro-batch's
+    token count divided by the number of processes, because DDP then averages the processes' gradients: the
+    result is the mean over all of the micro-batch's tokens. A denominator of 1 gives the sum."""
     # a bool mask needs no value check (reading the values would make the CPU wait for the GPU)
     if mask.shape != token_logps.shape or (mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all())):
         raise ValueError(f"sft_loss: mask must be 0/1 (or bool) of token_logps' shape {list(token_logps.shape)}, "
                          f"got shape {list(mask.shape)}")
     mask = mask.to(token_logps.dtype)
-    return -(token_logps * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
+    return -(token_logps * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens), {}
 
 
 def _check_pairs(who, beta, label_smoothing, **sums):
@@ -462,7 +457,7 @@ def ftx_term(logp_y1_x1, n_y1, logp_y2_x2=None, n_y2=None):
 
         IOPO: -( L(y1|x1) / |y1| + L(y2|x2) / |y2| )        DPO (only the first pair given): -L(y_w|x) / |y_w|
 
-    averaged over the batch; |y| is the number of scored response tokens (`sequence_logprobs`' second output).
+    averaged over the batch; |y| is the number of scored response tokens (`sequence_sums`' second output).
     """
     given = [t for t in (logp_y1_x1, n_y1, logp_y2_x2, n_y2) if t is not None]
     if (logp_y2_x2 is None) != (n_y2 is None) or len({tuple(t.shape) for t in given}) != 1 or given[0].dim() != 1:
@@ -487,7 +482,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class LoRALinear(nn.Linear):
     def __init__(self, base, rank, alpha, dropout):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and draw a weight that we take from `base`
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
@@ -564,7 +559,8 @@ def merged_copy(model):
 #   dpo   2B rows [(x, y_w); (x, y_l)]            dpo_loss
 #   iopo  4B rows [(x1,y1); (x1,y2); (x2,y2); (x2,y1)]   iopo_loss
 # The reference log-probs of every example are computed once before training (no_grad, reference weights)
-# and cached on disk; training then runs a single network.
+# and cached on disk; training then runs a single network (--ref-on-the-fly instead scores each batch with the
+# reference as it goes: LoRA's adapters switched off, or a frozen copy of the starting weights).
 
 
 @dataclass
@@ -587,14 +583,14 @@ class TrainConfig:
     variant: str = "full"  # IOPO loss: full | no_input_pref | no_output_pref | three_seq
     max_len: int = 1024  # tokens per sequence; longer examples are cut like the authors' code (data.py)
     group_by_length: bool = False  # batch examples of similar length together (less padding; order less random)
-    seed: int = 0  # seeds the model init (toy), the data order and dropout
-    dtype: str = "float32"  # float32, or bfloat16: autocast on a GPU (LoRA also keeps the frozen base in bfloat16)
+    seed: int = 0  # seeds the model init (toy), LoRA's A matrices, the data order and dropout
+    dtype: str = "float32"  # float32, or bfloat16: autocast on the device (LoRA also keeps the frozen base in bfloat16)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
     pack: bool = False  # DPO / IOPO: one row [x, y_a, y_b] per prompt instead of two rows that repeat x
     packed_attention: str = "auto"  # with --pack: mask (T x T) | rows (two causal passes) | auto (GPU rows, CPU mask)
-    # (rows: model.PackedRows; it won every GPU training run measured, at 2k tokens; the mask is faster at toy lengths)
+    # (rows: model.PackedRows; on a GPU at 2k tokens rows were faster, on the CPU at toy lengths the mask: README)
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2)
     dist_timeout: float = 60.0  # under torchrun, minutes a process waits for the others before giving up
     # (rank 0 alone writes checkpoints; a gathered FSDP one of 7B full fine-tuning is ~84 GB: NCCL's default is 10)
@@ -649,19 +645,21 @@ class Scorer(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, labels_b=None, position_ids=None, segment_ids=None,
                 a_index=None, b_index=None, b_src=None, b_dst=None, scored_index=None):
+        # The batch's attention_mask (1 = token, 0 = padding) is not passed on: rows are right-padded, so
+        # causality alone hides the padding from every real token (see above)
         if segment_ids is not None and self.packed_attention == "rows":  # packed [x, y_a, y_b]: two causal passes
-            attention_mask = PackedRows(a_index, b_index, b_src, b_dst)
+            mask = PackedRows(a_index, b_index, b_src, b_dst)
         elif segment_ids is not None:  # the same rule as one (R, 1, T, T) mask: y_b never sees y_a
-            attention_mask = packed_attention_mask(segment_ids)
-        else:  # right padding (data.py's collators): causality alone hides it from every real token
-            attention_mask = None
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (R, T, D)
+            mask = packed_attention_mask(segment_ids)
+        else:
+            mask = None
+        hidden = self.model(input_ids, attention_mask=mask, position_ids=position_ids)  # (R, T, D)
         weight = self.model.lm_head.weight
         if torch.is_autocast_enabled(hidden.device.type):
             # The head is a matmul like any Linear, so under autocast it runs in the autocast dtype (bfloat16
             # copies of the float32 tensors, as autocast makes for every Linear; the gradient flows back through
-            # the cast). Without this it would follow the final norm's float32 output: on an H100 the float32
-            # head took 264 of a 491 ms Qwen2-0.5B step.
+            # the cast). Without this it would follow the final norm's float32 output and run the step's largest
+            # matmul in float32 (the README's H100 profile).
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         elif weight.dtype != hidden.dtype:
@@ -690,8 +688,10 @@ def scored_positions(batch, vocab_size):
 SEQS_PER_EXAMPLE = {"sft": 1, "dpo": 2, "iopo": 4}
 
 
-def reference_rows(cfg, batch):
-    """For IOPO's three-sequence variant, drop the (x2, y2) block of rows; everything else is used as is."""
+def policy_rows(cfg, batch):
+    """The plain rows the policy scores: all of them, except the (x2, y2) block for IOPO's three-sequence
+    variant, which its loss does not use. (Packed rows compute (x2, y2) with (x2, y1) anyway: method_loss
+    drops it. Reference tables keep a column for every sequence: micro_batch's every_sequence.)"""
     if cfg.method == "iopo" and cfg.variant == "three_seq":
         keep = [0, 1, 3]  # (x1,y1), (x1,y2), (x2,y1)
         return {k: torch.cat([v.chunk(4)[i] for i in keep]) for k, v in batch.items()}
@@ -706,14 +706,15 @@ def micro_batch(cfg, examples, pad_id, vocab_size, every_sequence=False):
         batch = collate_packed(examples, cfg.method, pad_id)
     else:
         batch = COLLATORS[cfg.method](examples, pad_id)
-        batch = batch if every_sequence else reference_rows(cfg, batch)
+        batch = batch if every_sequence else policy_rows(cfg, batch)
     batch["scored_index"] = scored_positions(batch, vocab_size)
     return batch
 
 
 def sequence_sums(cfg, token_logps, labels, labels_b=None):
     """(S,) log-prob sums and (S,) scored-token counts of the batch's sequences, in the collators' order
-    (sequence j of every example in block j; data.IOPO_ORDER for IOPO). token_logps is (R, T-1) for plain
+    (sequence j of every example in block j; data.IOPO_ORDER for IOPO, less the (x2, y2) block in three_seq's
+    plain rows: policy_rows). token_logps is (R, T-1) for plain
     rows; for packed ones (labels_b given) it is (2, R, T-1), the y_a and y_b log-probs of each row."""
     logps = token_logps.sum(-1)  # (R,) L(y|x); packed: (2, R)
     n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
@@ -727,14 +728,15 @@ def sequence_sums(cfg, token_logps, labels, labels_b=None):
 
 
 def method_loss(cfg, token_logps, labels, ref, n_tokens_total=None, labels_b=None):
-    """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None.
+    """Loss and detached metrics of one micro-batch. token_logps (R, T-1); ref (B, k) reference sums or None,
+    its columns in the collators' order (data.IOPO_ORDER for IOPO: all four, even for three_seq).
     Packed rows (labels_b given): token_logps (2, R, T-1), the y_a and y_b log-probs of each row."""
     scored = labels[:, 1:] != IGNORE_INDEX  # (R, T-1)
     if cfg.method == "sft":
-        return sft_loss(token_logps, scored, n_tokens_total), {}
+        return sft_loss(token_logps, scored, n_tokens_total)
     logps, n = sequence_sums(cfg, token_logps, labels, labels_b)
     if labels_b is not None and cfg.method == "iopo" and cfg.variant == "three_seq":
-        # a packed row computes (x2, y2) along with (x2, y1); three_seq does not use it
+        # a packed row computes (x2, y2) along with (x2, y1); three_seq does not use it (plain rows: policy_rows)
         logps, n = (torch.cat([c for i, c in enumerate(t.chunk(4)) if i != 2]) for t in (logps, n))
     if cfg.method == "dpo":
         logp_w, logp_l = logps.chunk(2)
@@ -773,6 +775,41 @@ def make_optimizer(trainable, cfg):
 
 def to_device(batch, device, pin=lambda t: t):
     return {k: pin(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --- distributed training
+#
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_distributed(device, timeout_minutes=60.0):
+    if "RANK" not in os.environ or dist.is_initialized():
+        return rank_and_world(), device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return (dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- reference log-probs
+#
+# Computed once before training from the starting weights (SPEC §1: the reference never changes), cached
+# on disk under a key of everything they depend on.
 
 
 def reference_sums(cfg, scorer, batch):
@@ -827,8 +864,9 @@ CACHE_KEY_CHARS = 24  # hex digits of the reference-cache key
 
 
 def reference_cache_key(cfg, tokenizer_dir):
-    """A name that changes whenever the data, the tokenizer, the reference weights, the cut length, the
-    compute dtype, packing or the way reference log-probs are computed (REFERENCE_VERSION) change. Packed
+    """A name that changes whenever the method, the data, the tokenizer, the reference weights (and whether
+    they are LoRA's base), the cut length, the compute dtype, packing or the way reference log-probs are
+    computed (REFERENCE_VERSION) change. Packed
     and plain rows give the same log-probs to rounding (tests/test_scale.py); the key keeps them apart anyway,
     so that one configuration always trains on the same numbers."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
@@ -837,34 +875,11 @@ def reference_cache_key(cfg, tokenizer_dir):
     return hashlib.blake2b("|".join(parts).encode(), digest_size=CACHE_KEY_CHARS // 2).hexdigest()
 
 
-# Distributed training: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def setup_distributed(device, timeout_minutes=60.0):
-    if "RANK" not in os.environ or dist.is_initialized():
-        return rank_and_world(), device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return (dist.get_rank(), dist.get_world_size()), device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# Checkpoints: HF weights (model.py), plus what an exact resume needs. All tensors go to safetensors, the
+# --- checkpoints and resume
+#
+# HF weights (model.py), plus what an exact resume needs. All tensors go to safetensors, the
 # rest to JSON; the folder is written under a temporary name and renamed once complete.
+
 
 def save_checkpoint(path, model, tokenizer_dir, opt, sampler, step, cfg, lora, rank_rng=None):
     """Write checkpoint folder `path` atomically. model: the whole network (whole_model); opt: the optimizer's
@@ -1004,6 +1019,9 @@ def latest_checkpoint(path):
     return found[-1]
 
 
+# --- the training loop
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a non-finite loss or gradient); the message says why and what was kept."""
 
@@ -1073,7 +1091,8 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         return Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
 
     # Rank 0 alone reads the weights to hash them and looks for the cache; the others take its answer (key +
-    # "1" when cached). If rank 0 fails, every process stops: none is left waiting in the broadcast.
+    # "1" when cached), sent as bytes in a tensor (broadcast_object_list would do it with pickle). If rank 0
+    # fails, every process stops: none is left waiting in the broadcast.
     answer, error = "!" * (CACHE_KEY_CHARS + 1), None
     if is_main():
         try:
@@ -1189,6 +1208,39 @@ def check_settings(cfg, resuming):
         raise ValueError(f"--beta must be > 0 and --label-smoothing in [0, 0.5); got {cfg.beta}, {cfg.label_smoothing}")
     if not cfg.dist_timeout > 0:
         raise ValueError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
+
+
+def step_metrics(sums, grad_norm, n_tokens, world):
+    """({metric: float} with "grad_norm", the step's token count): this process's sums of micro-batch metrics
+    (device tensors), averaged over the processes, and their token counts added up, in one all-reduce and
+    the one host-device synchronisation of the step."""
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    keys = list(sums) + ["grad_norm"]
+    values = torch.stack([sums[k].float() for k in keys[:-1]] + [grad_norm.float()])
+    if world > 1:  # the token counts travel with the metrics (the processes' shares may differ)
+        values = torch.cat([values, torch.tensor([float(n_tokens)], device=values.device)])
+        dist.all_reduce(values)
+        values /= world  # means over ranks (the grad norm is the same on every rank: its mean is itself)
+    values = values.tolist()
+    if world > 1:
+        n_tokens = round(values.pop() * world)
+    return dict(zip(keys, values)), n_tokens
+
+
+def periodic_checkpoint(cfg, out, step, model, lora, load_dtype, optimizer, sampler, device, world):
+    """Write out/checkpoint-<step> (rank 0) and drop the ones beyond --keep-checkpoints; returns its path.
+    Every process calls it: gathering the weights and moments (FSDP) and the RNG states are collectives."""
+    rank_rng = gather_rng_states(device, world)
+    whole, opt = whole_model(model, cfg, lora, load_dtype), whole_optimizer_state(optimizer)
+    path = out / f"checkpoint-{step}"
+    if is_main():
+        save_checkpoint(path, whole, cfg.model, opt, sampler, step, cfg, lora, rank_rng)
+        if cfg.keep_checkpoints:  # the newest ones up to this step stay, this one among them
+            for old in checkpoints(out)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+    barrier()
+    return path
 
 
 def train(cfg, given=()):
@@ -1323,7 +1375,7 @@ def train(cfg, given=()):
             # its share, so that DDP's average over processes is the mean over the whole micro-batch. A process
             # left with nothing runs one example weighted 0: every process must join the gradient reduction.
             weight = len(mine) * world / len(positions)
-            if kind == "sft":  # its loss is already a sum over the global micro-batch's tokens (n_total below)
+            if kind == "sft":  # its loss is already normalised by the global micro-batch's tokens (n_total below)
                 weight = float(weight > 0)
             mine = mine or positions[:1]
             examples = [train_set[p] for p in mine]
@@ -1355,19 +1407,9 @@ def train(cfg, given=()):
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * (weight / cfg.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        keys = list(sums)
-        values = torch.stack([sums[k].float() for k in keys] + [grad_norm.float()])
-        if world > 1:  # the processes' token counts travel with the metrics (their shares may differ)
-            values = torch.cat([values, torch.tensor([float(n_tokens)], device=values.device)])
-            dist.all_reduce(values)
-            values /= world  # means over ranks (the grad norm is the same on every rank: its mean is itself)
-        values = values.tolist()  # the one host-device synchronisation of the step
-        if world > 1:
-            n_tokens = round(values.pop() * world)
-        row = {"step": step + 1, **dict(zip(keys, values[:-1])), "grad_norm": values[-1], "lr": lr}
-        if not all(math.isfinite(v) for v in values):
+        row, n_tokens = step_metrics(sums, grad_norm, n_tokens, world)
+        row = {"step": step + 1, **row, "lr": lr}
+        if not all(math.isfinite(v) for v in row.values()):
             bar.close()
             raise TrainingStopped(f"step {step + 1}: non-finite loss or gradient ({row}); stopped before updating "
                                   f"the weights. Last good checkpoint: {last_ckpt or 'none (no checkpoint was saved)'}")
@@ -1392,16 +1434,8 @@ def train(cfg, given=()):
                 bar.set_postfix({name: f"{row[k]:.3f}" for k, name in SHOWN_METRICS.items() if k in row})
             bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            # collectives (under FSDP the weights and moments are gathered): every process takes part
-            rank_rng = gather_rng_states(device, world)
-            whole, opt = whole_model(model, cfg, lora, load_dtype), whole_optimizer_state(optimizer)
-            if is_main():
-                last_ckpt = out / f"checkpoint-{step + 1}"
-                save_checkpoint(last_ckpt, whole, cfg.model, opt, sampler, step + 1, cfg, lora, rank_rng)
-                if cfg.keep_checkpoints:  # the newest ones up to this step stay, this one among them
-                    for old in checkpoints(out)[:-cfg.keep_checkpoints]:
-                        shutil.rmtree(old)
-            barrier()
+            last_ckpt = periodic_checkpoint(cfg, out, step + 1, model, lora, load_dtype, optimizer, sampler,
+                                            device, world)
     bar.close()
     seen = dataset.stats  # what this process encoded; `python data.py FILE` shows any example's tokens
     if is_main() and (seen.truncated or seen.special_text):

@@ -86,16 +86,13 @@ def test_tied_embedding_gets_both_gradients():
         assert err < 1e-5, f"{name} gradient: relative error {err:.2e}"
 
 
-def test_no_grad_path_and_sequence_logprobs():
-    """Without autograd the forward-only path gives the same values; sequence_logprobs sums and counts rows."""
+def test_no_grad_path():
+    """Without autograd the forward-only path gives the same values as the naive reference."""
     hidden, weight, labels = _inputs(seed=4)
     ref = iopo.token_logprobs_naive(hidden, weight, labels)
     with torch.no_grad():
         fused = iopo.token_logprobs(hidden, weight, labels, impl="torch", chunk_size=7)
-        sums, counts = iopo.sequence_logprobs(hidden, weight, labels, impl="torch")
     assert _rel_err(fused, ref) < 1e-5, f"no-grad values: relative error {_rel_err(fused, ref):.2e}"
-    assert torch.allclose(sums, ref.sum(dim=1), rtol=1e-5), f"sums {sums} vs {ref.sum(dim=1)}"
-    assert counts.tolist() == (labels != -100).sum(dim=1).tolist() == [31, 19, 30], f"counts {counts.tolist()}"
 
 
 def test_nothing_of_size_tokens_times_vocab_is_saved():

@@ -30,9 +30,10 @@ def test_sft_loss_by_hand():
     token too), 6 / 4 = 1.5."""
     token_logps = torch.tensor([[-1.0, -3.0, -7.0], [-2.0, 0.0, -5.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    loss = iopo.sft_loss(token_logps, mask)
+    loss, metrics = iopo.sft_loss(token_logps, mask)
+    assert metrics == {}, metrics
     assert abs(loss.item() - 2.0) < 1e-6, f"sft loss {loss.item()}, expected 2.0"
-    loss = iopo.sft_loss(token_logps, mask.bool(), n_tokens=torch.tensor(4.0))
+    loss, _ = iopo.sft_loss(token_logps, mask.bool(), n_tokens=torch.tensor(4.0))
     assert abs(loss.item() - 1.5) < 1e-6, f"sft loss over 4 tokens {loss.item()}, expected 1.5"
 
 

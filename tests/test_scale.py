@@ -322,7 +322,7 @@ def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
     cfg = iopo.TrainConfig(method=kind, variant=variant, beta=0.5)
     k = iopo.SEQS_PER_EXAMPLE[kind]
     ref = -20 * torch.rand(len(examples), k, generator=torch.Generator().manual_seed(0))  # (B, k) made-up reference
-    plain = iopo.reference_rows(cfg, COLLATORS[kind](examples, tok.pad_token_id))
+    plain = iopo.policy_rows(cfg, COLLATORS[kind](examples, tok.pad_token_id))
     packed = collate_packed(examples, kind, tok.pad_token_id)
     assert packed["input_ids"].numel() < plain["input_ids"].numel(), "packing should make the batch smaller"
     sums_plain, loss_plain, grads_plain = _step(net, cfg, plain, ref)
