@@ -10,7 +10,8 @@ numbered constraints / input, quality control, and responses kept only if they s
 Where the paper prompts a 72B model and judges with GPT-4o, we sample from small pools and check with code:
 
 1. Every constraint comes from a "family" (a small class): English phrasings, a parameter sampler, an exact
-   checker, a writer hook that makes a draft comply, a spoil hook that makes it violate, and a REVISE edit.
+   checker, a writer hook that makes a draft comply, a spoil hook that makes it violate (writing what it
+   forbids; leaving the writer out violates a constraint that asks for something), and a REVISE edit.
 2. Subjective dimensions get verifiable proxies that the constraint text itself states:
    Theme: the topic is named at least k times.  Exclusion: a listed word never appears / no commas.
    Inclusion: keywords, a keyword k times, an exact phrase.  Value: a line starting with a responsibility label
@@ -25,7 +26,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    listed lexicon.  Linguistic Characteristics: >= k questions / a simile with "like a" or "as ... as".
    Multilingual: one of three given sentences in the named language.  Output Format: JSON object with one
    key, double quotes, a <<title>>, >= k **bold** spans.  Text Pattern: first word, final phrase, letter case.
-   Grammar Structure: >= k sentences beginning with "If".  Citation: >= k distinct [n] markers and a label
+   Grammar Structure: >= k sentences beginning with "If".  Citation: >= k distinct [n] markers before a label
    line.  Numbering and List: exactly n "- " bullets / "1." items.  Hierarchical Structure: exactly n "## "
    headings.  Template: labelled lines in order / a postscript.  Positive Example: the example's two labels
    in order.  Negative Example: the bad example's opening phrase never appears.
@@ -37,9 +38,13 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    two differ only in which step is the primary one named by `op`. y2 violates the edited-away constraint
    only when needed (a revised keyword already makes it fail; a deleted one needs a spoil).
 4. DPO's rejected answer is written to the same instruction with one or two constraints spoiled on purpose
-   (the paper asks a model to "comply worse"); it is verified to fail at least one check.
-5. --toy (for a few-million-parameter model trained on a CPU): only the surface families in TOY_FAMILIES,
-   C uniform on 1..3, one templated sentence plus what the constraints add (about 10-40 words).
+   (the paper asks a model to "comply worse"); it is verified to fail at least one check. Only if no spoil
+   takes is it the answer that ignores every constraint.
+5. --toy (for a few-million-parameter model trained on a CPU): only the surface families in TOY_FAMILIES and
+   the first two phrasings of each, training C uniform on 1..3 (evaluation: the real set's C table cut at
+   3), one templated sentence plus what the constraints add (6-27 words, 17 on average, for seed 0). That
+   space is small: about 430 distinct one-constraint prompts, so most one-constraint evaluation prompts also
+   occur in training (stats.json counts them: eval_prompts_in_training).
 6. Answers are templated English sentences, not fluent prose: enough for exact checking and for a small
    model to learn which constraint asks for what, not a substitute for a strong model's answers.
 7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
@@ -52,7 +57,8 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    a responsible-use line is found by a word list, so "I am not an expert" passes (see the README).
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
-"family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies:
+"family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies ("phrasing" is
+the index of the family's wording, which value_line's check reads: the order of phrasings is part of the format):
   sft.jsonl   {"prompt": [system, user], "response", "checks"}
   dpo.jsonl   {"prompt", "chosen", "rejected", "checks"}
   iopo.jsonl  {"x1", "y1", "x2", "y2", "checks_x1", "checks_x2",
@@ -60,7 +66,8 @@ Outputs (--out DIR). Every record carries its checks, each a self-contained spec
                REVISE, in x2 for ADD; before / after: the specs, or null)
   eval.jsonl  the real set's fields (id, messages, type, description, constraints, input, constraints_num,
               constraints_splits, levels2 in English, category) plus "reference" and "checks"
-  stats.json  C histograms, type shares and dimension counts per split, QC rejections by reason, edit ops.
+  stats.json  C histograms, type shares and dimension counts per split, QC rejections by reason, edit ops,
+              and how many evaluation prompts also occur in training (as x1 or x2).
 """
 
 import argparse
@@ -149,7 +156,9 @@ EVAL_C_COUNTS = [200, 100, 100, 100, 100, 100, 100, 100, 100, 10, 10, 10, 4, 4, 
 
 WORD_RE = re.compile(r"[A-Za-z0-9\u00c0-\u024f]+(?:'[A-Za-z]+)?")
 SENT_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-CONTRACTION_RE = re.compile(r"\b(?:[A-Za-z]+n't|(?:i|you|we|they|he|she|it|that|there|here|what|let)'(?:s|re|ve|ll|d|m))\b", re.I)
+CONTRACTION_RE = re.compile(r"\b(?:[A-Za-z]+n't|(?:could|would|should|might|must)'ve|"
+                            r"(?:i|you|we|they|he|she|it|that|there|here|what|who|where|when|why|how|let)'(?:s|re|ve|ll|d|m))\b",
+                            re.I)
 EXPANSIONS = {"don't": "do not", "doesn't": "does not", "isn't": "is not", "can't": "cannot", "won't": "will not",
               "it's": "it is", "that's": "that is", "you'll": "you will", "you're": "you are", "let's": "let us",
               "there's": "there is", "we're": "we are", "i'm": "I am", "aren't": "are not", "you've": "you have"}
@@ -455,7 +464,7 @@ class Draft:
 class Family:
     name = dimension = None
     fields = ()          # params keys the checker needs
-    slot = None          # two constraints on one slot are redundant (or contradictory when values differ)
+    slot = None          # one constraint per slot: a second is redundant, or contradictory (qc_reason)
     tags = ()            # layout properties this family relies on ("lines": line starts / line endings)
     clashes = ()         # tags it cannot live with
     needs = None         # input kind the constraint refers to
@@ -541,6 +550,8 @@ class ExcludeWords(Family):
         return {"words": [rng.choice(used)]} if used else None
 
     def conflict(self, p, other):
+        if other["family"] in ("exclude_words", "negative_example"):  # both forbid: at worst redundant (slots)
+            return None
         blob = json.dumps(other["params"]).lower()
         for w in p["words"]:
             if re.search(r"(?<![a-z])" + re.escape(w) + r"(?![a-z])", blob):
@@ -797,7 +808,7 @@ class SentenceMin(Family):
 
 class RoleIntro(Family):
     name, dimension, fields, slot = "role_intro", "Role-Playing", ("phrase",), "role"
-    phrasings = ['Answer in the role of a {role}: introduce yourself with the words "{phrase}".',
+    phrasings = ['Answer in the role of a {role} and say so with the words "{phrase}".',
                  'You are a {role}. Make that clear by writing "{phrase}" in your answer.',
                  'Speak as a {role} would and include the words "{phrase}".']
 
@@ -822,9 +833,9 @@ class RoleIntro(Family):
 
 class Audience(Family):
     name, dimension, fields, slot = "audience", "Target Audience", ("audience", "max_len"), "audience"
-    phrasings = ['Write for {audience}: address them as "{audience}" and keep every sentence to at most {max_len} words.',
+    phrasings = ['Write for {audience}: name them ("{audience}") and keep every sentence to at most {max_len} words.',
                  'Your readers are {audience}. Name them ("{audience}") and use sentences of no more than {max_len} words.',
-                 'Target {audience}: greet them by that name and never write a sentence longer than {max_len} words.']
+                 'Target {audience}: mention them by that name and never write a sentence longer than {max_len} words.']
 
     def sample(self, rng, ctx):
         return {"audience": rng.choice(AUDIENCES), "max_len": rng.choice([16, 18, 20])}
@@ -875,9 +886,9 @@ class PriorCondition(Family):
 
 class ProcessOrder(Family):
     fields, slot = ("steps", "order"), "process"
-    phrasings = ["Walk through the steps of the process in the input in {order} order, naming each step.",
-                 "Follow the process given in the input: mention each of its steps, in {order} order.",
-                 "Use the process in the input as background and name every step in {order} order."]
+    phrasings = ["Walk through the steps of the process in the input in {order} order, naming each step in the input's words.",
+                 "Follow the process given in the input: mention each of its steps as worded there, in {order} order.",
+                 "Use the process in the input as background and name every step, in its words, in {order} order."]
 
     def __init__(self, name, dimension, needs):
         self.name, self.dimension, self.needs = name, dimension, needs
@@ -1029,7 +1040,9 @@ class Questions(Family):
 class Simile(Family):
     name, dimension, fields, slot = "simile", "Linguistic Characteristics", ("form",), "simile"
     # \s+ between the words, so that a simile broken across a line still counts
-    FORMS = {"like": (r"\blike\s+an?\s+[a-z]+", "It works like a well-kept clock."),
+    # ... nor is the verb: "I would like a coffee", "we'd like an answer"
+    FORMS = {"like": (r"(?<!\bwould\s)(?<!'d\s)(?<!\bI\s)(?<!\bwe\s)(?<!\byou\s)(?<!\bthey\s)\blike\s+an?\s+[a-z]+",
+                      "It works like a well-kept clock."),
              # "as well as", "as soon as", ... are set phrases, not comparisons
              "as": (r"\bas\s+(?!(?:well|soon|long|far|much|many)\s+as\b)[a-z]+\s+as\b", "It is as steady as a rock.")}
     phrasings = ["Use at least one simile written with {form}.", "Include a comparison in the form of a simile using {form}."]
@@ -1255,10 +1268,11 @@ class Citations(Family):
         return {"k": rng.randint(2, 3), "label": rng.choice(["References", "Sources", "Works cited"])}
 
     def check(self, p, r):
-        """At least k distinct '[n]' markers and the text '<label>:' occurs (case-insensitive, bold marks and a
-        space before the colon allowed)."""
-        return len(set(re.findall(r"\[(\d+)\]", r))) >= p["k"] and \
-            (p["label"].lower() + ":") in _unmarked(r).lower()
+        """A line starts with '<label>:' (_line_starts: case-insensitive, bold marks and a space before the colon
+        allowed), and the text before the first such line holds at least k distinct '[n]' markers (the list
+        after it does not count as citing)."""
+        starts = _line_starts(r, p["label"] + ":")
+        return bool(starts) and len(set(re.findall(r"\[(\d+)\]", "\n".join(r.split("\n")[:starts[0]])))) >= p["k"]
 
     def write(self, d, p):
         d.extra += [f"This point is well documented [{i + 1}]." for i in range(p["k"])]
@@ -1406,7 +1420,8 @@ FAMILY_LIST = [
              "Express a {label} emotion with {k} or more of these words: {list}."], "People feel {w} about it."),
     Questions(), Simile(), ForeignSentence(), JsonWrap(), QuotesWrap(), Title(), Bold(), StartWord(), EndPhrase(),
     LetterCase(), IfSentences(), Citations(),
-    ListCount("bullet_list", "-", r"^\s*[-*]\s+\S", ['Present the main points as exactly {n} bullet points starting with "- ".',
+    # "- " or "* " items; a "* * *" rule line is none
+    ListCount("bullet_list", "-", r"^\s*[-*]\s+(?![-*\s]*$)\S", ['Present the main points as exactly {n} bullet points starting with "- ".',
                                                        "Include a bulleted list with exactly {n} items (use \"- \")."]),
     ListCount("numbered_list", "1.", r"^\s*\d+[.)]\s+\S", ['List exactly {n} numbered items ("1.", "2.", ...).',
                                                             "Give a numbered list of exactly {n} points."]),
@@ -1596,10 +1611,13 @@ def qc_reason(ctx, specs, new, skip=None):
 
 
 def write_response(ctx, specs, spoil=()):
-    """A response complying with every spec, except those in `spoil`, which it violates on purpose."""
+    """A response complying with every spec, except those in `spoil`, which it violates on purpose: their
+    writers are skipped (leaving out what a constraint asks for violates it) and their spoil hooks applied
+    (writing what it forbids). Callers verify the result: on some answers a violation does not take."""
     d = Draft(ctx)
     for s in specs:
-        FAMILIES[s["family"]].write(d, s["params"])
+        if s not in spoil:
+            FAMILIES[s["family"]].write(d, s["params"])
     for s in spoil:
         FAMILIES[s["family"]].spoil(d, s["params"])
     return d.render()
@@ -1674,7 +1692,8 @@ def satisfies(specs, response):
 
 
 def make_rejected(rng, ctx, specs):
-    """DPO's losing answer: the same instruction answered with one or two constraints spoiled, verified to fail."""
+    """DPO's losing answer: the same instruction answered with one or two constraints spoiled, verified to fail
+    (if no spoil takes, the answer that ignores every constraint; None if even that passes)."""
     order = rng.sample(range(len(specs)), len(specs))
     for i in order:
         spoil = [specs[i]] + ([specs[order[-1]]] if len(specs) > 2 and rng.random() < 0.3 and order[-1] != i else [])
@@ -1787,11 +1806,16 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
                 break
             bar.update(1)
     bar.close()
+    # The toy's prompt space is small (about 430 distinct single-constraint prompts): many evaluation prompts
+    # also occur in training, as x1 or x2. Counted, not avoided: see the README.
+    trained = {r["prompt"][1]["content"] for r in out["sft"]} | {r["x2"][1]["content"] for r in out["iopo"]}
+    seen = Counter(r["constraints_num"] for r in out["eval"] if r["messages"][1]["content"] in trained)
     stats = {"seed": seed, "toy": toy, "families": families, "max_constraints": max_c,
              "train": summarize([[s["dimension"] for s in r["checks"]] for r in out["sft"]]),
              "eval": summarize([r["levels2"] for r in out["eval"]]),
              "qc_rejected": dict(sampler.rejected.most_common()), "qc_rejected_total": sum(sampler.rejected.values()),
-             "generation_failures": dict(failures), "iopo_ops": dict(ops)}  # no timings: same seed, same bytes
+             "generation_failures": dict(failures), "iopo_ops": dict(ops),  # no timings: same seed, same bytes
+             "eval_prompts_in_training": {"items": sum(seen.values()), "by_constraints": dict(sorted(seen.items()))}}
     out["stats"] = stats
     return out
 
@@ -1967,7 +1991,9 @@ def main(argv=None):
     st = data["stats"]
     print(f"wrote {args.out}: {len(data['sft'])} train (mean C {st['train']['mean_constraints']}), "
           f"{len(data['eval'])} eval (mean C {st['eval']['mean_constraints']}), "
-          f"{st['qc_rejected_total']} QC rejections, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+          f"{st['qc_rejected_total']} QC rejections, {time.perf_counter() - start:.2f} s; "
+          f"{st['eval_prompts_in_training']['items']} eval prompts also occur in training "
+          f"(by constraint count: {st['eval_prompts_in_training']['by_constraints']})", file=sys.stderr)
 
 
 if __name__ == "__main__":

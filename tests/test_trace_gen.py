@@ -54,6 +54,30 @@ def test_family_accepts_compliant_and_rejects_violation(name):
         assert not tg.check(spec, "   "), f"{name} accepts an empty response"
 
 
+def test_a_rejected_answer_spoils_the_constraint_it_picks():
+    """DPO's losing answer to a one-constraint instruction is that constraint spoiled, for every family with a
+    spoil hook (the family's own writer used to undo some spoils, e.g. drop the excluded word again, and the
+    answer that ignores every constraint stood in for about 1 in 10 toy losers)."""
+    for name in sorted(n for n, f in tg.FAMILIES.items() if type(f).spoil is not tg.Family.spoil):
+        fam = tg.FAMILIES[name]
+        rng = random.Random(sum(map(ord, name)))
+        for _ in range(4):
+            ctx = task_for(fam, rng)
+            spec = spec_for(fam, rng, ctx)
+            got = tg.make_rejected(random.Random(0), ctx, [spec])
+            want = tg.write_response(ctx, [spec], spoil=[spec])
+            assert got == want and not tg.check(spec, got), f"{name} {spec['params']}: rejected answer\n{got}"
+
+
+def test_eval_prompts_seen_in_training_are_counted():
+    """stats count the evaluation items whose prompt is also a training prompt (x1 or x2), by constraint count."""
+    data = tg.generate_data(300, 60, seed=3, toy=True, progress=False)
+    trained = {r["prompt"][1]["content"] for r in data["sft"]} | {r["x2"][1]["content"] for r in data["iopo"]}
+    seen = [r["constraints_num"] for r in data["eval"] if r["messages"][1]["content"] in trained]
+    got = data["stats"]["eval_prompts_in_training"]
+    assert seen and got == {"items": len(seen), "by_constraints": {c: seen.count(c) for c in sorted(set(seen))}}, got
+
+
 @pytest.mark.parametrize("name", sorted(n for n, f in tg.FAMILIES.items() if f.revisable))
 def test_revise_gives_valid_quadruple_for_family(name):
     """REVISE of this family's constraint gives x2 whose answer fails x1 and whose old answer fails x2."""
@@ -141,10 +165,13 @@ def test_quality_control_rejects_conflicts():
         (spec("json_wrap", key="answer"), spec("bullet_list", n=3), "contradiction"),
         (spec("end_phrase", phrase="Thanks for reading."), spec("postscript", marker="P.S."), "contradiction"),
         (spec("theme_repeat", topic="chess", k=2), spec("theme_repeat", topic="chess", k=3), "redundant"),
+        (spec("exclude_words", words=["very"]), spec("exclude_words", words=["very"]), "redundant"),
+        (spec("exclude_words", words=["just"]), spec("negative_example", phrase="Just saying"), None),
     ]
     for a, b, kind in cases:
         reason = tg.qc_reason(ctx, [a], b)
-        assert reason and reason.startswith(kind), f"{a['family']} + {b['family']}: {reason!r}, wanted {kind}"
+        assert (reason or "").startswith(kind or "") and bool(reason) == bool(kind), \
+            f"{a['family']} + {b['family']}: {reason!r}, wanted {kind}"
     table = spec("table_lookup", question="the price of A", value="12")
     assert tg.qc_reason(ctx, [], table).startswith("incomplete"), "table constraint accepted without a table"
     stats = tg.generate_data(60, 10, seed=1, progress=False)["stats"]
@@ -208,6 +235,15 @@ def test_checkers_on_hand_written_answers():
     assert c("start_word", '"Sure, here it is."', word="Sure") and not c("start_word", "Surely not.", word="Sure")
     assert c("end_phrase", '"...Thanks for reading."', phrase="Thanks for reading.")
     assert c("bullet_list", "- a\n- b\n* c", n=3) and not c("bullet_list", "**bold**\n- a", n=2)
+    assert not c("bullet_list", "- a\n* * *\n- b", n=3), "a '* * *' rule counted as a bullet"
+    for text in ("Who's ready?", "We could've gone.", "Where's the key?"):
+        assert not c("tone_register", text, style="formal"), f"{text!r} passed as formal (no contractions)"
+    assert not c("simile", "I would like a coffee.", form="like") and not c("simile", "We'd like an answer.", form="like")
+    assert c("simile", "It hums like a bee.", form="like")
+    cite = lambda r: c("citations", r, k=2, label="Sources")
+    assert cite("As shown [1] and [2].\nSources:\n[1] a\n[2] b"), "well-formed citations rejected"
+    assert not cite("I have no Sources: sorry.\n[1] a\n[2] b"), "the list's own numbers counted as citing"
+    assert not cite("As shown [1] and [2]. See the Sources: list."), "a label inside a sentence accepted"
     assert c("json_wrap", '```json\n{"Answer": "x"}\n```', key="answer") and not c("json_wrap", '{"a": 1}', key="a")
     assert not c("tone_register", "I don't know.", style="formal") and c("tone_register", "I do not know.", style="formal")
     assert c("exclude_words", "Everything is fine.", words=["very"]), "'very' matched inside 'Everything'"
