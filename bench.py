@@ -18,7 +18,8 @@ import argparse
 #
 # What is measured: one forward + backward of sum(log p(labels)), with a trainable head (grad to hidden and
 # weight) and with a frozen head (the LoRA case: grad to hidden only). "Extra peak" is the peak memory above
-# what every method holds anyway: the inputs, the hidden-state gradient's inputs and the (V, D) weight gradient.
+# what every method holds anyway: the inputs and the (V, D) weight gradient (the (N, D) hidden-state gradient
+# counts as extra).
 # CPU: each measurement runs in a fresh process and reads the peak resident memory (VmHWM) of that process.
 # GPU: one process, torch.cuda.max_memory_allocated per method.
 
@@ -113,7 +114,8 @@ def bench_kernel_cpu(args):
 def bench_kernel_cuda(args, device="cuda"):
     """bfloat16 on one GPU: naive, torch.compile(naive), chunked PyTorch, Triton; tokens/s and extra peak GB.
 
-    device="cpu" (with TRITON_INTERPRET=1 and tiny --tokens/--dim/--vocab) only checks that the code runs.
+    The command line always passes "cuda"; called from Python with device="cpu" (with TRITON_INTERPRET=1 and
+    tiny args.tokens / dim / vocab) it only checks that the code runs.
     """
     import time
     import torch
@@ -527,7 +529,12 @@ def bench_train(args):
     if not modes or set(modes) - {"full", "lora"}:
         raise SystemExit(f"bench --train-modes: expected full and/or lora, got {args.train_modes!r}")
     if args.device == "cpu":
-        shape = args.shapes if args.shapes in ("tiny", "toy") else "toy"
+        if args.shapes not in ("tiny", "toy", None):
+            raise SystemExit(f"bench --train on the CPU runs --shapes tiny or toy, not {args.shapes} (that one needs "
+                             "--device cuda)")
+        if args.quick and "full" not in modes:
+            raise SystemExit("bench --train --quick on the CPU runs full fine-tuning only; drop --quick for LoRA")
+        shape = args.shapes or "toy"
         warmup, steps = (1, 3) if args.quick else (2, 7)
         _, prompt, answer, n_instr = TRAIN_SHAPES[shape]
         print(f"train, CPU float32, {args.train_threads} thread(s), {shape} model, {n_instr} instructions per step, "
@@ -654,7 +661,7 @@ def bench_padding(args):
     from data import COLLATORS, BatchSampler, EncodedDataset, RecordFile, example_texts, load_tokenizer, train_tokenizer
     print(f"padding share of one epoch's batches: {args.padding_n} synthetic TRACE instructions"
           f"{' (toy preset)' if args.padding_toy else ''}, a 2,000-token BPE, max_len 4096")
-    print(f"{'method':>6} {'batch':>5} | {'random':>7} {'grouped':>7} | positions random / grouped")
+    print(f"{'method':>6} {'batch':>5} | {'random':>7} {'grouped':>7} | positions random / grouped (grouped / random)")
     with tempfile.TemporaryDirectory() as tmp:  # the records are read from their files again as they are used
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             trace_gen.main(["--out", tmp, "--n-train", str(args.padding_n), "--n-eval", "0", "--no-progress"]
@@ -689,7 +696,8 @@ def main():
     parser.add_argument("--padding-n", type=int, default=2000, help="--padding: synthetic instructions")
     parser.add_argument("--padding-toy", action="store_true", help="--padding: the toy preset's short answers")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where to run (--kernel: cpu = float32 table, cuda = bfloat16 table)")
+                        help="where --kernel, --train and --attention run (--kernel: cpu = float32 table, cuda = "
+                             "bfloat16 table); --generate and --padding always run on the CPU")
     parser.add_argument("--tokens", type=int, default=None, help="--kernel: tokens N (default: the standard shapes)")
     parser.add_argument("--dim", type=int, default=None, help="--kernel: hidden size D")
     parser.add_argument("--vocab", type=int, default=None, help="--kernel: vocabulary size V")
