@@ -129,6 +129,8 @@ def test_bad_inputs_are_named():
     hidden, weight, labels = _inputs()
     with pytest.raises(ValueError, match="labels must lie in"):
         iopo.token_logprobs(hidden, weight, labels.masked_fill(labels == -100, 101))
+    with pytest.raises(ValueError, match="labels must lie in"):  # a negative id that is not ignore_index
+        iopo.token_logprobs(hidden, weight, labels.masked_fill(labels == -100, -1))
     with pytest.raises(ValueError, match="weight"):
         iopo.token_logprobs(hidden, weight[:, :5], labels)
     with pytest.raises(ValueError, match="hidden"):

@@ -25,6 +25,12 @@ def _hand_quads():
     return {k: torch.tensor([v]) for k, v in values.items()}
 
 
+def test_sft_loss_with_nothing_scored_is_zero():
+    """A mask with no scored token gives a loss of 0.0 (the count is clamped to 1), not 0 / 0 = NaN."""
+    loss = iopo.sft_loss(torch.tensor([[-1.0, -3.0]]), torch.zeros(1, 2, dtype=torch.bool))
+    assert loss.item() == 0.0, f"sft loss over no tokens {loss.item()}, expected 0.0"
+
+
 def test_sft_loss_by_hand():
     """SFT = mean NLL over masked-in tokens: -(-1 - 3 - 2) / 3 = 2; over a given count of 4 (another process's
     token too), 6 / 4 = 1.5."""
@@ -159,7 +165,7 @@ def test_loss_arguments_are_checked():
     q = _random_quads(0)
     with pytest.raises(ValueError, match="iopo_loss: every log-prob sum"):
         iopo.iopo_loss(**{**q, "ref_logp_y1_x1": q["ref_logp_y1_x1"][:1]})
-    for beta, smoothing in ((0.0, 0.0), (-0.1, 0.0), (0.1, 0.5)):
+    for beta, smoothing in ((0.0, 0.0), (-0.1, 0.0), (0.1, 0.5), (0.1, -0.1)):
         with pytest.raises(ValueError, match="beta must be > 0 and label_smoothing in"):
             iopo.dpo_loss(b, b, b, b, beta=beta, label_smoothing=smoothing)
     with pytest.raises(ValueError, match="sft_loss: mask must be 0/1"):
@@ -168,3 +174,39 @@ def test_loss_arguments_are_checked():
         iopo.ftx_term(b, torch.ones(4, 1))
     with pytest.raises(ValueError, match="ftx_term"):
         iopo.ftx_term(b, torch.ones(4), b)  # y2's sums without its counts
+
+
+def test_ties_are_not_counted_as_correct():
+    """Accuracies count strict wins: policy == reference (every r = 0, the first step) gives 0, not 1."""
+    logps = torch.tensor([-5.0, -7.0])
+    _, m = iopo.dpo_loss(logps, logps - 1, logps, logps - 1)
+    assert m["accuracy"].item() == 0.0, f"dpo accuracy on ties {m['accuracy'].item()}"
+    q = {name: torch.tensor([-3.0 - i]) for i, name in enumerate(NAMES[:4])}
+    q.update({f"ref_{name}": q[name] for name in NAMES[:4]})
+    for variant in iopo.IOPO_VARIANTS:
+        _, m = iopo.iopo_loss(**q, variant=variant)
+        got = (m["accuracy/output"].item(), m["accuracy/input"].item())
+        assert got == (0.0, 0.0), f"{variant}: accuracies on ties {got}"
+
+
+def test_logp_metrics_name_the_right_sequence():
+    """logps/* report each sequence's own mean log-prob (four distinct values, so a swap shows)."""
+    w, l = torch.tensor([-10.0, -20.0]), torch.tensor([-30.0, -50.0])
+    _, m = iopo.dpo_loss(w, l, w - 1, l + 1)
+    got = (m["logps/chosen"].item(), m["logps/rejected"].item())
+    assert got == (-15.0, -40.0), f"dpo logps/chosen, logps/rejected {got}, expected (-15, -40)"
+    q = _hand_quads()
+    _, m = iopo.iopo_loss(**q, beta=0.1)
+    for name in NAMES[:4]:
+        key = "logps/" + name.removeprefix("logp_")
+        assert m[key].item() == q[name].item(), f"{key}: {m[key].item()}, expected {q[name].item()}"
+
+
+def test_three_seq_accuracies_by_hand():
+    """three_seq: output accuracy is r11 > r12, input accuracy r11 > r21; with r21 = 3 > r11 = 2 only output holds."""
+    q = _hand_quads()
+    q["logp_y1_x2"] = torch.tensor([-10.0])  # r21 = -10 - (-13) = 3
+    q["logp_y2_x2"] = q["ref_logp_y2_x2"] = None
+    _, m = iopo.iopo_loss(**q, beta=0.1, variant="three_seq")
+    got = (m["accuracy/output"].item(), m["accuracy/input"].item())
+    assert got == (1.0, 0.0), f"three_seq accuracies (output, input) {got}, expected (1.0, 0.0)"
