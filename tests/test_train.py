@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -299,3 +300,101 @@ def test_toy_reproduction_end_to_end(tmp_path, capsys):
     assert all(f"| {label} |" in table for label in labels), table
     iopo_rows = [json.loads(l) for l in (tmp_path / "seed0" / "iopo" / "metrics.jsonl").read_text().splitlines()]
     assert len(iopo_rows) == 2 and "accuracy/input" in iopo_rows[0], iopo_rows
+
+
+def test_lora_layer_by_hand():
+    """A LoRA layer computes x W^T + b + (alpha / r) x A^T B^T, and its merged weight is W + (alpha / r) B A."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(3, 2)
+    layer = iopo.LoRALinear(base, rank=2, alpha=6.0, dropout=0.0)  # scale alpha / r = 3
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]]))
+        layer.lora_B.copy_(torch.tensor([[0.5, 0.0], [1.0, -2.0]]))
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    # A x = (7, 1); B A x = (3.5, 7 - 2) = (3.5, 5); times 3: (10.5, 15)
+    expected = base(x) + torch.tensor([[10.5, 15.0]])
+    got = layer(x)
+    assert torch.allclose(got, expected), f"LoRA output {got.tolist()}, expected {expected.tolist()}"
+    merged = x @ layer.merged_weight().T + base.bias
+    assert torch.allclose(merged, expected), f"merged-weight output {merged.tolist()}, expected {expected.tolist()}"
+
+
+def test_lora_dropout_acts_on_the_update_only():
+    """LoRA dropout (training mode) drops inputs of the adapter path only: with B = 0 the layer is exactly the base
+    layer, and with B != 0 training-mode outputs differ from eval-mode ones."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8)
+    layer = iopo.LoRALinear(base, rank=4, alpha=4.0, dropout=0.5).train()
+    x = torch.randn(32, 16)
+    diff = (layer(x) - base(x)).abs().max().item()
+    assert diff == 0.0, f"B = 0, yet the training-mode output moved by {diff}: dropout reached the base path"
+    torch.nn.init.normal_(layer.lora_B)
+    noisy, clean = layer(x), layer.eval()(x)
+    gap = (noisy - clean).abs().max().item()
+    assert gap > 1e-3, f"training and eval outputs differ by only {gap}: the update saw no dropout"
+
+
+def test_lr_schedule_by_hand():
+    """10 steps, warmup ratio 0.25: ceil(2.5) = 3 warmup steps (1/3, 2/3, 1), then 0.5 (1 + cos(pi k / 7)), k = 0..6;
+    with no warmup the first step runs at the peak."""
+    expected = [1 / 3, 2 / 3, 1.0, 1.0, 0.9504844340, 0.8117449009, 0.6112604670, 0.3887395330, 0.1882550991,
+                0.0495155660]
+    got = [iopo.lr_at(step, 10, 1.0, 0.25) for step in range(10)]
+    assert got == pytest.approx(expected, abs=1e-9), f"lr {got}, expected {expected}"
+    assert iopo.lr_at(0, 4, 2e-3, 0.0) == 2e-3, iopo.lr_at(0, 4, 2e-3, 0.0)
+
+
+def test_optimizer_decays_matrices_only(tiny_model):
+    """AdamW (betas 0.9, 0.999): weight decay on every 2-D weight, none on the 1-D norm weights."""
+    params = list(tiny_model.parameters())
+    opt = iopo.make_optimizer(params, iopo.TrainConfig(weight_decay=0.1, lr=1e-3))
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    wrong = [(tuple(p.shape), decay[id(p)]) for p in params if decay[id(p)] != (0.1 if p.dim() >= 2 else 0.0)]
+    assert len(decay) == len(params) and not wrong, f"(shape, weight decay) on the wrong side: {wrong}"
+    assert any(p.dim() == 1 for p in params), "the fixture should have norm weights"
+    betas = [g["betas"] for g in opt.param_groups]
+    assert all(b == (0.9, 0.999) for b in betas), betas
+
+
+def _rows(counts, width=8):
+    """Token log-probs (R, width - 1) and labels (R, width): row r scores counts[r] tokens, each with log-prob -(r + 1)."""
+    labels = torch.full((len(counts), width), -100)
+    for r, n in enumerate(counts):
+        labels[r, 1:1 + n] = 5
+    token_logps = (labels[:, 1:] != -100).float() * -(torch.arange(len(counts)) + 1.0)[:, None]
+    return token_logps, labels
+
+
+def test_ftx_term_divides_by_the_matched_answers_own_length():
+    """method_loss adds ftx * ftx_term with each matched sequence's own scored-token count: DPO y_w (2 tokens, not
+    y_l's 3); IOPO y1 after x1 (2) and y2 after x2 (4), not y2 after x1 (3)."""
+    token_logps, labels = _rows([2, 3])  # DPO rows: y_w, y_l; sums -2 and -6
+    ref = torch.tensor([[-2.5, -5.0]])
+    loss, _ = iopo.method_loss(iopo.TrainConfig(method="dpo", ftx=0.5), token_logps, labels, ref)
+    expected = iopo.dpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), ref[:, 0], ref[:, 1])[0] + 0.5 * (2.0 / 2)
+    assert abs(loss.item() - expected.item()) < 1e-6, f"dpo + ftx {loss.item()}, expected {expected.item()}"
+    token_logps, labels = _rows([2, 3, 4, 5])  # IOPO_ORDER; sums -2, -6, -12, -20
+    ref = torch.tensor([[-3.0, -5.0, -11.0, -21.0]])
+    loss, _ = iopo.method_loss(iopo.TrainConfig(method="iopo", ftx=0.5), token_logps, labels, ref)
+    sums = [torch.tensor([s]) for s in (-2.0, -6.0, -12.0, -20.0)]
+    expected = iopo.iopo_loss(*sums, *ref.unbind(1))[0] + 0.5 * (2.0 / 2 + 12.0 / 4)
+    assert abs(loss.item() - expected.item()) < 1e-6, f"iopo + ftx {loss.item()}, expected {expected.item()}"
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
+def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, method):
+    """Step 1 logs the starting model's loss: DPO / IOPO ln 2 (policy == reference; 2 micro-batches are averaged,
+    not summed), SFT the NLL per scored response token that evaluate_loss gives over the same 16 examples."""
+    folder, paths, base = toy_dir
+    accum = 1 if method == "sft" else 2
+    iopo.train(config(base, paths[method], tmp_path / method, method, max_steps=1, batch_size=16 // accum,
+                      grad_accum=accum))
+    logged = losses(tmp_path / method)[0]["loss"]
+    if method == "sft":
+        dataset = EncodedDataset(RecordFile(str(paths[method]), method), method, M.load_tokenizer(base))
+        expected = iopo.evaluate_loss(iopo.Scorer(M.load_model(base)), dataset, None,
+                                      iopo.TrainConfig(method=method, batch_size=16), torch.device("cpu"),
+                                      contextlib.nullcontext)["eval/loss"]
+    else:
+        expected = math.log(2)
+    assert abs(logged - expected) < 1e-5, f"{method}: first logged loss {logged}, expected {expected}"
