@@ -329,6 +329,7 @@ def test_iopo_masks_on_all_four_sequences(tok):
     (30, 90, 100, (30, 70)),     # prompt under half: response cut
     (300, 100, 100, (75, 25)),   # both over half: floor(100 * 100/400) = 25 for the response
     (60, 50, 100, (55, 45)),     # floor(100 * 50/110) = 45
+    (50, 90, 100, (36, 64)),     # a prompt of exactly half is not under half: floor(100 * 90/140) = 64
 ])
 def test_infer_seqlen_hand_cases(source, target, cutoff, expected):
     """infer_seqlen follows LLaMA-Factory's three cases."""
@@ -352,9 +353,11 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     """IOPO: prompts 100/90, responses 40/70 ids, max_len 100 -> prompts 59, responses up to 41 (hand count)."""
     ex = {"x1": [{"role": "user", "content": "a" * 81}], "x2": [{"role": "user", "content": "d" * 71}],
           "y1": "b" * 39, "y2": "c" * 69}
-    out = D.encode_iopo(CharTok(), ex, max_len=100)
+    stats = D.EncodeStats()
+    out = D.encode_iopo(CharTok(), ex, max_len=100, stats=stats)
     got = {k: (s["labels"].count(-100), len(s["input_ids"]) - s["labels"].count(-100)) for k, s in out.items()}
     assert got == {"y1_x1": (59, 40), "y2_x1": (59, 41), "y2_x2": (59, 41), "y1_x2": (59, 40)}, got
+    assert (stats.truncated, stats.cut_ties) == (1, 0), f"cut prompts still differ, so no tie: {stats}"
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
 
 
@@ -432,6 +435,22 @@ def test_batch_sampler_resume_mid_epoch_and_at_epoch_end():
         D.BatchSampler(20, 3, seed=2).load_state_dict(state)
 
 
+def test_drop_last_drops_the_short_batch():
+    """drop_last: 10 examples in batches of 3 give three full batches (the lone tenth is left out), as len() says."""
+    sampler = D.BatchSampler(10, 3, seed=0, drop_last=True)
+    sizes = [len(b) for b in sampler]
+    assert sizes == [3, 3, 3] and len(sampler) == 3, (sizes, len(sampler))
+
+
+def test_holdout_split_draws_with_its_seed():
+    """holdout_split holds out a seeded random draw (not the first n): seeds 0 and 1 give other examples, the rest
+    keep their order."""
+    held = {seed: D.holdout_split(list(range(40)), 5, seed=seed)[1] for seed in (0, 1)}
+    assert held[0] != held[1] and held[0] != list(range(5)), held
+    train, again = D.holdout_split(list(range(40)), 5, seed=0)
+    assert again == held[0] and train == sorted(set(range(40)) - set(again)), (train, again)
+
+
 def test_group_by_length_cuts_padding():
     """Grouping by length yields fewer padded positions than a plain shuffle, and covers every index."""
     g = torch.Generator().manual_seed(0)
@@ -444,6 +463,8 @@ def test_group_by_length_cuts_padding():
     grouped = padded(order)
     assert sorted(sum(order, [])) == list(range(400))
     assert grouped * 5 < plain, (grouped, plain)
+    longest = [max(lengths[i] for i in b) for b in order]  # one chunk of 400 here: sorted, then batches shuffled
+    assert longest != sorted(longest, reverse=True), "batches should not run from longest to shortest"
 
 
 # -----------------------------------------------------------------------------
