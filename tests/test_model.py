@@ -532,29 +532,45 @@ def test_sliding_window_cache_matches_full(tmp_path):
     assert diff < 1e-5, diff
 
 
-def test_generate_cache_equals_no_cache(tiny_model, tiny_config):
+def context_model(config):
+    """An untied model whose greedy tokens depend on the whole context. tiny_model (0.02 init, tied head) greedily
+    repeats the last prompt token even with N(0, 1) embeddings, so a generation test on it passes whatever the
+    attention, the padding mask or the cache do."""
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = M.Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed_tokens" in name else p.shape[1] ** -0.5)
+    return model
+
+
+def test_generate_cache_equals_no_cache(tiny_config):
     """Greedy generation with the KV cache gives the same tokens as recomputing the prefix, for ragged prompts."""
+    model = context_model(tiny_config)
     torch.manual_seed(2)
-    tiny_model.model.embed_tokens.weight.data.normal_(0, 1.0)  # sharper logits than the 0.02 init
     prompts = [torch.randint(3, tiny_config.vocab_size, (n,)).tolist() for n in (5, 9, 1)]
-    cached = M.generate(tiny_model, prompts, 12)
-    plain = M.generate(tiny_model, prompts, 12, use_cache=False)
+    cached = M.generate(model, prompts, 12)
+    plain = M.generate(model, prompts, 12, use_cache=False)
     assert cached == plain, (cached, plain)
     assert [len(r) for r in cached] == [12, 12, 12]
     # each row alone (no padding) gives the same tokens as inside the batch
-    alone = [M.generate(tiny_model, [p], 12)[0] for p in prompts]
+    alone = [M.generate(model, [p], 12)[0] for p in prompts]
     assert alone == cached, (alone, cached)
+    edited = M.generate(model, [[prompts[1][0] + 1] + prompts[1][1:]], 12)[0]  # another first token
+    assert edited != cached[1], f"the model must read its whole context: {edited} after either first token"
 
 
-def test_generate_stops_before_eos(tiny_model, tiny_config):
+def test_generate_stops_before_eos(tiny_config):
     """The first EOS ends a row and is not returned; other rows go on."""
-    torch.manual_seed(3)
-    tiny_model.model.embed_tokens.weight.data.normal_(0, 1.0)
+    model = context_model(tiny_config)
     prompts = [[5, 6, 7], [9, 10]]
-    free = M.generate(tiny_model, prompts, 12)
+    free = M.generate(model, prompts, 12)
     stop = free[0][4]
     first = free[0].index(stop)
-    out = M.generate(tiny_model, prompts, 12, eos_token_ids=[stop])
+    assert first > 0, f"the row should not stop at once: {free[0]}"
+    out = M.generate(model, prompts, 12, eos_token_ids=[stop])
     assert out[0] == free[0][:first], (out[0], free[0])
     expected_1 = free[1][:free[1].index(stop)] if stop in free[1] else free[1]
     assert out[1] == expected_1, (out[1], free[1])
@@ -587,6 +603,29 @@ def test_top_p_keeps_the_nucleus():
     drawn = M.sample_next(logits, 1.0, 0.75, gen)
     counts = torch.bincount(drawn, minlength=4).tolist()
     assert counts[2] == counts[3] == 0 and counts[0] > counts[1] > 0, counts
+
+
+def test_temperature_divides_the_logits_and_a_full_nucleus_stops():
+    """Temperature 0.25 on logits (0, 1) draws token 1 with p = 1 / (1 + e^-4) = 0.982; top_p = 0.5 over two tokens
+    of 0.5 keeps one (its mass already reaches top_p)."""
+    gen = torch.Generator().manual_seed(0)
+    share = M.sample_next(torch.tensor([[0.0, 1.0]]).repeat(4000, 1), 0.25, 1.0, gen).float().mean().item()
+    assert abs(share - 0.982) < 0.01, f"token 1 drawn {share:.3f} of the time at temperature 0.25, expected 0.982"
+    drawn = M.sample_next(torch.zeros(1000, 2), 1.0, 0.5, gen)
+    assert len(drawn.unique()) == 1, f"top_p 0.5 over two tokens of 0.5 drew {torch.bincount(drawn).tolist()}"
+
+
+def test_attention_mask_for_by_hand():
+    """attention_mask_for, window 2: a query sees itself and the key before it, never a padding key; a padding query
+    left with no key (left padding) sees every key, so its softmax row stays finite on every SDPA backend."""
+    key_mask = torch.tensor([[False, True, True, True, True]])
+    got = M.attention_mask_for(key_mask, 0, 5, 2)[0, 0].int().tolist()
+    expected = [[1, 1, 1, 1, 1], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+    assert got == expected, f"mask {got}, expected {expected}"
+    got = M.attention_mask_for(key_mask, 3, 2, 2)[0, 0].int().tolist()  # two new queries after 3 cached positions
+    assert got == expected[3:], f"mask with past=3 {got}, expected {expected[3:]}"
+    got = M.attention_mask_for(key_mask, 0, 5, None)[0, 0].int().tolist()
+    assert got[4] == [0, 1, 1, 1, 1], f"no window: the last query sees every real key, got {got[4]}"
 
 
 def test_cli_prints_reply(tiny_model, chatml_tokenizer_dir, tmp_path, capsys, monkeypatch):
