@@ -280,6 +280,18 @@ def test_cfbench_psr_three_cases():
         E.cfbench_scores([[1]], [["important"]])
 
 
+def test_cfbench_psr_edges():
+    """PSR is 0 when one of two primaries fails (the other passing does not save it), and the mixed rule is strict:
+    3 of 5 secondaries met gives 0.5 + 0.5 * 0.6 = 0.8 exactly, which is not > 0.8."""
+    P, S = "primary", "secondary"
+    got = E.cfbench_scores([[1, 0, 1]], [[P, P, S]])
+    assert got["PSR"] == 0.0, f"a failed primary must give PSR 0, got {got}"
+    got = E.cfbench_scores([[1, 1, 1, 1, 0, 0]], [[P] + [S] * 5])
+    assert got["PSR"] == 0.0, f"0.5 + 0.5 * 3/5 = 0.8 is not > 0.8, got {got}"
+    got = E.cfbench_scores([[1, 1, 1, 1, 1, 0]], [[P] + [S] * 5])
+    assert got["PSR"] == 100.0, f"0.5 + 0.5 * 4/5 = 0.9 > 0.8, got {got}"
+
+
 @pytest.fixture(scope="module")
 def toy_trace():
     return trace_gen.generate_data(40, 40, seed=3, toy=True, progress=False)
@@ -310,6 +322,8 @@ def test_trace_breakdowns_and_missing(toy_trace):
     assert rows[0]["missing"] and not any(rows[0]["verdicts"]), rows[0]
     assert sum(v["n"] for v in report["by_type"].values()) == report["n_constraints"], report["by_type"]
     assert sum(v["n"] for v in report["by_dimension"].values()) == report["n_constraints"]
+    dimensions = {spec["dimension"] for item in items for spec in item["checks"]}
+    assert set(report["by_dimension"]) == dimensions, (sorted(report["by_dimension"]), sorted(dimensions))
     assert sum(v["n"] for v in report["by_constraint_count"].values()) == len(items)
     expected_if = 100 * (len(items) - 2) / len(items)
     assert report["metrics"]["IF"] == pytest.approx(expected_if), report["metrics"]
