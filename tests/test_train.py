@@ -1,9 +1,11 @@
 """Training (iopo.py): each method learns on a tiny model, LoRA, cached reference log-probs, exact resume, clean stops."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,7 +135,8 @@ def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
 def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run
-    (SFT with --group-by-length)."""
+    (SFT with --group-by-length). The reference cache is deleted first, so the resumed run recomputes it from the
+    starting weights (full fine-tuning) or with the loaded adapters switched off (LoRA), not from the moved policy."""
     folder, paths, base = toy_dir
     full = config(base, paths[method], tmp_path / "full", method, max_steps=6, batch_size=3, grad_accum=2,
                   save_every=3, lora_rank=lora_rank, lora_dropout=0.1 if lora_rank else 0.0, warmup_ratio=0.3,
@@ -147,6 +150,7 @@ def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
     M.load_model(checkpoint)  # the checkpoint's weights are a plain Hugging Face folder
+    shutil.rmtree(tmp_path / "ref_cache", ignore_errors=True)
     resumed = iopo.TrainConfig(method=method, data=str(paths[method]), out=str(tmp_path / "resumed"), resume=str(checkpoint))
     iopo.train(resumed)
     want = [r["loss"] for r in losses(tmp_path / "full")][3:]
@@ -398,3 +402,45 @@ def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, 
     else:
         expected = math.log(2)
     assert abs(logged - expected) < 1e-5, f"{method}: first logged loss {logged}, expected {expected}"
+
+
+def test_reference_cache_key_follows_what_the_reference_depends_on(tmp_path):
+    """The reference-cache key is stable, ignores settings the reference does not read (lr, seed), and changes with
+    each thing it does: data, tokenizer and weight files, cut length, dtype, packing, method, LoRA."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    cfg = iopo.TrainConfig(method="dpo", model=str(tmp_path), data=str(tmp_path / "data.jsonl"))
+    key = lambda c: iopo.reference_cache_key(c, tmp_path)
+    start = key(cfg)
+    assert key(dataclasses.replace(cfg, lr=1.0, seed=3)) == start, "lr and seed must not change the key"
+    changed = {name: key(dataclasses.replace(cfg, **{name: value})) for name, value in (
+        ("max_len", 512), ("dtype", "bfloat16"), ("pack", True), ("method", "iopo"), ("lora_rank", 8))}
+    for name in ("data.jsonl", "tokenizer.json", "model.safetensors"):
+        old = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(old + b" ")
+        changed[name] = key(cfg)
+        (tmp_path / name).write_bytes(old)
+    assert key(cfg) == start, "the same files and settings must give the same key"
+    ignored = [name for name, k in changed.items() if k == start]
+    assert not ignored, f"the key does not change with {ignored}"
+
+
+def test_epochs_round_up_to_whole_steps(toy_dir, tmp_path):
+    """16 examples in batches of 5 are 4 micro-batches an epoch; with 3 per step one epoch is ceil(4 / 3) = 2 steps."""
+    folder, paths, base = toy_dir
+    iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=0, epochs=1.0, batch_size=5, grad_accum=3))
+    steps = [r["step"] for r in losses(tmp_path / "run")]
+    assert steps == [1, 2], f"logged steps {steps}, expected [1, 2]"
+
+
+def test_max_grad_norm_clips_the_update(toy_dir, tmp_path):
+    """A gradient clipped to norm 1e-12 is far below AdamW's eps (1e-8), so one step barely moves the weights; without
+    clipping the same step moves the largest weight by about the learning rate."""
+    folder, paths, base = toy_dir
+    moved = {}
+    for cap in (1e-12, 0.0):
+        final = iopo.train(config(base, paths["sft"], tmp_path / str(cap), "sft", max_steps=1, max_grad_norm=cap))
+        before, after = M.load_model(base).state_dict(), M.load_model(final).state_dict()
+        moved[cap] = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved[1e-12] < 1e-5 < 1e-3 < moved[0.0], f"largest weight change with / without clipping: {moved}"
