@@ -444,3 +444,17 @@ def test_max_grad_norm_clips_the_update(toy_dir, tmp_path):
         before, after = M.load_model(base).state_dict(), M.load_model(final).state_dict()
         moved[cap] = max((after[k] - before[k]).abs().max().item() for k in before)
     assert moved[1e-12] < 1e-5 < 1e-3 < moved[0.0], f"largest weight change with / without clipping: {moved}"
+
+
+def test_heldout_loss_runs_without_dropout(toy_dir, tmp_path):
+    """The held-out loss is computed in eval mode: with LoRA dropout 0.5 it equals evaluate_loss of the saved (merged)
+    model on the same held-out examples."""
+    folder, paths, base = toy_dir
+    final = iopo.train(config(base, paths["sft"], tmp_path / "run", "sft", max_steps=2, lora_rank=4, lora_dropout=0.5,
+                              lr=5e-2, eval_every=2, eval_size=4))
+    logged = losses(tmp_path / "run")[-1]["eval/loss"]
+    dataset = EncodedDataset(RecordFile(str(paths["sft"]), "sft"), "sft", M.load_tokenizer(base))
+    _, heldout = iopo.holdout_split(dataset, 4, seed=0)
+    expected = iopo.evaluate_loss(iopo.Scorer(M.load_model(final)), heldout, None, iopo.TrainConfig(method="sft"),
+                                  torch.device("cpu"), contextlib.nullcontext)["eval/loss"]
+    assert abs(logged - expected) < 1e-4, f"logged held-out loss {logged}, the saved model's {expected}"
