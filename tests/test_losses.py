@@ -27,7 +27,7 @@ def _hand_quads():
 
 def test_sft_loss_with_nothing_scored_is_zero():
     """A mask with no scored token gives a loss of 0.0 (the count is clamped to 1), not 0 / 0 = NaN."""
-    loss = iopo.sft_loss(torch.tensor([[-1.0, -3.0]]), torch.zeros(1, 2, dtype=torch.bool))
+    loss, _ = iopo.sft_loss(torch.tensor([[-1.0, -3.0]]), torch.zeros(1, 2, dtype=torch.bool))
     assert loss.item() == 0.0, f"sft loss over no tokens {loss.item()}, expected 0.0"
 
 
