@@ -14,8 +14,9 @@ Formats read (one JSON object per line, or a JSON array of objects as LLaMA-Fact
   TRACE  evaluation items: id, messages, description, constraints, input, constraints_num,
          constraints_splits, levels2, category (SPEC section 3), plus "checks"/"reference" from trace_gen.
 
-What a sequence looks like (ChatML): the prompt is rendered by the tokenizer's chat template with the
-generation header, then the assistant text and its end-of-turn token follow:
+What a sequence looks like (ChatML): the prompt is rendered as the tokenizer's chat template would render
+it (model.Tokenizer.render_chat writes ChatML or Llama 3 by hand, no jinja) with the generation header, then
+the assistant text and its end-of-turn token follow:
 
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n | Hello!<|im_end|>
     ---------------------- labels -100 ----------------------- | ------ scored ------
@@ -63,7 +64,7 @@ CHATML_TEMPLATE = (
 # Our toy tokenizer puts its special tokens first, so their ids (0, 1, 2) do not move with the vocab size.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenizer split (from its tokenizer.json): it keeps runs of newlines together, so a
-# response that starts with "\n" merges with the "\n" that ends the generation header (see `encode`).
+# response that starts with "\n" merges with the "\n" that ends the generation header (see `seam_merges`).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -72,7 +73,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 # Errors and counters
 
 class DataError(ValueError):
-    """Bad input data; the message reads `file:line: problem`."""
+    """Bad input data; the message names the file, and the line (`file:line: problem`) when one is known."""
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _message(msg, path):
     if "from" in msg and "role" not in msg:
         role = msg["from"]
         if not isinstance(role, str) or role not in SHAREGPT_ROLES:
-            raise _Bad(f'{_label(path + ("from",))} is {json.dumps(role)}; expected one of human, gpt, system')
+            raise _Bad(f'{_label(path + ("from",))} is {json.dumps(role)}; expected one of {", ".join(SHAREGPT_ROLES)}')
         return {"role": SHAREGPT_ROLES[role], "content": _text(_get(msg, "value", path), path + ("value",))}
     role = _get(msg, "role", path)
     if not isinstance(role, str) or role not in ROLES:
@@ -507,8 +508,8 @@ def rendered_response(tok, messages, response):
     """The assistant text exactly as the chat template writes it after `messages`, without end-of-turn.
 
     ChatML writes it unchanged; Llama 3's template trims surrounding whitespace, and the model should
-    learn the text as the template shows it. A template that renders the earlier turns differently once
-    an answer follows cannot be split into prompt and response, and is an error."""
+    learn the text as the template shows it. The check below guards the split: the two renderers that
+    model.py has never render the earlier turns differently once an answer follows."""
     head = tok.render_chat(messages, add_generation_prompt=True)
     full = tok.render_chat(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
     end = full.rfind(tok.end_of_turn)  # the last one: an answer may itself spell the end-of-turn text
@@ -552,8 +553,8 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     tokens and the first target_len tokens of each response. Keeping the head means a cut prompt loses
     its end, generation header included, and a cut response loses its end-of-turn token; we follow the same
     rule (our targets can be one token shorter: data.py's departure 2). For IOPO quadruples we use the
-    longer prompt and the longer response of the four, so both prompts and both responses are cut to the
-    same lengths. The authors' IOPO processor is not in the public release we could read; this is the
+    longer prompt and the longer response of the four: one shared budget, so a short answer stays whole
+    while a long one may be cut. The authors' IOPO processor is not in the public release we could read; this is the
     pairwise rule extended."""
     # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
     # as transformers' chat templates read it too; it is kept and counted (EncodeStats.special_text)
@@ -598,7 +599,8 @@ def encode_sft(tok, ex, max_len=None, stats=None, check=True):
 
 
 def encode_dpo(tok, ex, max_len=None, stats=None, check=True):
-    """{"w": seq, "l": seq}: the chosen and rejected answers after one prompt, cut to equal lengths."""
+    """{"w": seq, "l": seq}: the chosen and rejected answers after one prompt, cut with one shared budget
+    (_encode_group)."""
     w, l = _encode_group(tok, [ex["prompt"]], [ex["chosen"], ex["rejected"]], [(0, 0), (0, 1)],
                          max_len, stats, check)
     return {"w": w, "l": l}
@@ -644,14 +646,14 @@ class EncodedDataset:
         j = self.indices[i]
         if self.cache is not None and j in self.cache:
             hit = self.cache[j]
-            return _unpack(hit) if self.kind == "sft" else {k: _unpack(v) for k, v in hit.items()}
+            return _expand(hit) if self.kind == "sft" else {k: _expand(v) for k, v in hit.items()}
         try:
             out = ENCODERS[self.kind](self.tokenizer, self.examples[j], self.max_len, self.stats, self.check)
         except DataError as e:
             where = self.examples.where(j) if hasattr(self.examples, "where") else f"example {j}"
             raise DataError(f"{where}: {e}") from None
         if self.cache is not None:
-            self.cache[j] = _pack(out) if self.kind == "sft" else {k: _pack(v) for k, v in out.items()}
+            self.cache[j] = _compact(out) if self.kind == "sft" else {k: _compact(v) for k, v in out.items()}
         return out
 
     def select(self, positions):
@@ -673,12 +675,12 @@ class EncodedDataset:
         return self.stats
 
 
-def _pack(seq):  # the cache keeps the ids and the prompt length; the labels follow from them (_join)
+def _compact(seq):  # the cache keeps the ids and the prompt length; the labels follow from them (_join)
     return array("i", seq["input_ids"]), len(_split_prompt(seq)[0])
 
 
-def _unpack(packed):
-    ids, n_prompt = packed
+def _expand(compact):
+    ids, n_prompt = compact
     ids = ids.tolist()
     return _join(ids[:n_prompt], ids[n_prompt:])
 

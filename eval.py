@@ -2,11 +2,11 @@
 
 Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help`):
 
-    python trace_gen.py --out runs/toy_data --n-train 2000 --n-eval 200 --seed 0 --toy   # items with checks
-    python eval.py trace  --data runs/toy_data/eval.jsonl --model runs/iopo/final     # -> runs/eval/trace-iopo
-    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model ~/models/Qwen2-7B-Instruct \
-        --out runs/ifeval_q7
-    python eval.py compare runs/eval/trace-iopo runs/ifeval_q7   # Table 3 layout: a row per label
+    python iopo.py     # the toy reproduction: writes runs/toy/seed0/{data, sft, dpo, iopo}
+    python eval.py trace  --data runs/toy/seed0/data/eval.jsonl --model runs/toy/seed0/iopo/final  # -> runs/eval/trace-iopo
+    python eval.py trace  --data trace_eval.jsonl --model runs/q7/final --out runs/trace_q7
+    python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model runs/q7/final --out runs/ifeval_q7
+    python eval.py compare runs/trace_q7 runs/ifeval_q7   # Table 3 layout: one row per label (here: q7)
 
 Follows: IOPO (arXiv 2411.06208) Table 3 for the metric set; CFBench (arXiv 2408.01122) for CSR / ISR / PSR;
 IFEval (arXiv 2311.07911) for its 25 verifiable instruction types, strict and loose.
@@ -79,18 +79,17 @@ def write_jsonl(path, rows):
 # rarely disagree with it on real answers: the writing system with the most letters picks a group of
 # languages, and inside a group that several languages share (Latin, Cyrillic, Arabic, Devanagari) each
 # sentence votes, with its length, for the language whose common function words it holds most; the language
-# with the longest share of the text wins. Like langdetect, URLs and e-mail addresses are
-# ignored, Latin letters are ignored when other letters outnumber them more than two to one, and a text
-# without any letter from a known script has no answer (IFEval then counts the instruction as followed).
+# with the longest share of the text wins. Like langdetect, URLs and e-mail addresses are ignored, Latin
+# letters are ignored when characters above U+0300 outnumber them more than two to one, and a text without any
+# letter from a known script has no answer (IFEval then counts the instruction as followed).
 #
 # Very short Latin texts are a lottery for langdetect: it picks among 55 languages from a handful of letter
-# n-grams (an all-capitals word only shows it its first and last letters), so "YES" comes out Welsh and
-# "etchings" German. On 1-3 word fragments of GPT-4 answers it said "en" for 13-37% of the all-capitals ones
-# and 20-49% of the lower-case ones without a function word (tests/compare_ifeval_official.py's data, seed 0).
-# For such texts (at most three words, in capitals or without any function word) we answer "und",
-# undetermined, which is not English, rather than guess.
+# n-grams (an all-capitals word only shows it its first and last letters; the README gives examples). For
+# such texts (at most three words, in capitals or without any function word) we answer "und", undetermined,
+# which is not English, rather than guess.
 
-_SCRIPTS = [  # (first code point, last code point, script); ASCII and Latin blocks are handled apart
+_SCRIPTS = [  # (first, last code point, script group, or for a one-language script its langdetect code);
+    # ASCII and the Latin blocks are handled apart
     (0x0370, 0x03FF, "greek"), (0x0400, 0x052F, "cyrillic"), (0x0590, 0x05FF, "hebrew"),
     (0x0600, 0x06FF, "arabic"), (0x0750, 0x077F, "arabic"), (0x0900, 0x097F, "devanagari"),
     (0x0980, 0x09FF, "bn"), (0x0A00, 0x0A7F, "pa"), (0x0A80, 0x0AFF, "gu"), (0x0B80, 0x0BFF, "ta"),
@@ -178,8 +177,24 @@ _ENDING_HINTS = {
 }
 
 
+_SENTENCE_OR_LINE_RE = re.compile(r"(?<=[.!?。！？।۔؟])\s+|\n+")
+
+
+def _function_word_votes(text, script):
+    """{language: evidence in text} inside one script group: function words, telling letters, word endings."""
+    words = [w.strip(_WORD_EDGES) for w in text.lower().split()]  # not \w+: it breaks Indic words at vowel signs
+    score = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS[script].items()}
+    for lang, (letters, weight) in _LETTER_HINTS.get(script, {}).items():
+        score[lang] += weight * sum(text.count(c) for c in letters)
+    for lang, endings in _ENDING_HINTS.get(script, {}).items():
+        score[lang] += sum(1 for w in words if len(w) > 3 and w.endswith(endings))
+    return score
+
+
 def detect_language(text):
-    """ISO 639-1 code of the main language of text (langdetect's codes), or None when it has no usable letters."""
+    """ISO 639-1 code of the main language of text (langdetect's codes); "und" for a Latin text of at most
+    three words in capitals or without a function word (see above: counted as not English); None when it
+    has no usable letters."""
     text = _EMAIL_RE.sub(" ", _URL_RE.sub(" ", text))
     # langdetect drops Latin letters when characters above U+0300 (marks and symbols included) outnumber them
     # more than two to one; its "Latin" is the range A..z.
@@ -211,20 +226,6 @@ def detect_language(text):
         votes = _function_word_votes(text, script)
         return max(votes, key=votes.get)
     return max(share, key=share.get)
-
-
-_SENTENCE_OR_LINE_RE = re.compile(r"(?<=[.!?。！？।۔؟])\s+|\n+")
-
-
-def _function_word_votes(text, script):
-    """{language: evidence in text} inside one script group: function words, telling letters, word endings."""
-    words = [w.strip(_WORD_EDGES) for w in text.lower().split()]  # not \w+: it breaks Indic words at vowel signs
-    score = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS[script].items()}
-    for lang, (letters, weight) in _LETTER_HINTS.get(script, {}).items():
-        score[lang] += weight * sum(text.count(c) for c in letters)
-    for lang, endings in _ENDING_HINTS.get(script, {}).items():
-        score[lang] += sum(1 for w in words if len(w) > 3 and w.endswith(endings))
-    return score
 
 
 # -----------------------------------------------------------------------------
@@ -816,12 +817,13 @@ def generate_responses(model, tok, items, max_new_tokens=512, batch_size=8, temp
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    generator = None
     if seed is not None:  # one stream for the whole run: seeded per batch, every batch would draw the same numbers
         import torch
-        seed = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
+        generator = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     for batch in tqdm(batches, desc="answers", unit="batch", disable=not progress):
         new_tokens = M.generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature,
-                                top_p=top_p, eos_token_ids=tok.eos_token_ids, seed=seed,
+                                top_p=top_p, eos_token_ids=tok.eos_token_ids, seed=generator,
                                 pad_token_id=tok.pad_token_id)
         for i, ids in zip(batch, new_tokens):
             answers[i] = tok.decode(ids, skip_special_tokens=True)
@@ -881,8 +883,8 @@ def _source(args):
 
 def _out_folder(path, args):
     """The output folder, checked before any work: not a file, and not holding the report of another run (whose
-    files this one would replace; runs that share a default label, such as two models both named final/.../iopo,
-    would otherwise overwrite each other)."""
+    files this one would replace: runs a/iopo/final and b/iopo/final both get the default label iopo, hence the
+    same runs/eval/trace-iopo, and would otherwise overwrite each other)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SystemExit(f"error: --out {path} is a file, expected a folder")
@@ -991,9 +993,9 @@ def cmd_ifeval(args):
     inputs = [inp for _, inp in numbered]
     # the official scorer would judge a repeated input twice and keys answers by prompt (the last duplicate
     # wins): refuse duplicates instead
-    keys = [(n, inp["key"]) for n, inp in numbered if isinstance(inp.get("key"), (str, int))]
+    keys = [(lineno, inp["key"]) for lineno, inp in numbered if isinstance(inp.get("key"), (str, int))]
     _no_duplicates(args.input, "key", keys)
-    prompts = [(n, inp["prompt"]) for n, inp in numbered if isinstance(inp.get("prompt"), str)]
+    prompts = [(lineno, inp["prompt"]) for lineno, inp in numbered if isinstance(inp.get("prompt"), str)]
     _no_duplicates(args.input, "prompt", prompts)
     out = _out_folder(args.out, args)
     generation = None
@@ -1086,7 +1088,8 @@ def build_parser():
         src.add_argument("--responses", help="JSONL of answers to score (TRACE: {id, response}; IFEval: {prompt, response})")
         src.add_argument("--model", help="checkpoint folder (model.py format) to generate the answers with first")
         sp.add_argument("--label", help="name of this run in reports and `compare`, unique per benchmark "
-                        "(default: model folder or responses file name)")
+                        "(default: RUN for a model at RUN/final, RUN/checkpoint-N for a checkpoint, else the model "
+                        "folder's or the responses file's name)")
         sp.add_argument("--max-new-tokens", type=int, default=budget, help=f"token budget per answer (default "
                         f"{budget}{note})")
         sp.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")

@@ -157,9 +157,9 @@ BAD_LINES = [
     ("iopo", {"conversations": [{"from": "human", "value": "A"}], "chosen": "a", "rejected": "b"},
      '"conversations" should hold two human turns (x1 and x2), holds user'),
     ("iopo", {"conversations": [{"from": "bot", "value": "A"}], "chosen": "a", "rejected": "b"},
-     '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system'),
+     '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system, user, assistant'),
     ("iopo", {"conversations": [{"from": ["human"], "value": "A"}], "chosen": "a", "rejected": "b"},
-     '"conversations"[0]["from"] is ["human"]; expected one of human, gpt, system'),
+     '"conversations"[0]["from"] is ["human"]; expected one of human, gpt, system, user, assistant'),
     ("sft", '{"prompt": "Hi", "response": "\\ud800"}', '"response" is not valid Unicode text (surrogates not allowed'),
     ("sft", '{"prompt": "Hi", "response": "Yo", "n": ' + "9" * 5000 + "}", "not valid JSON (Exceeds the limit"),
 ]
