@@ -1455,7 +1455,7 @@ def train(cfg, given=()):
 #
 # The paper's Table 3 in miniature, on a CPU: synthetic TRACE data (trace_gen.py), a tokenizer and a small
 # model trained from scratch with SFT, then DPO and IOPO from the SFT model on the same instructions, each
-# scored on held-out synthetic TRACE items by code (eval.py).
+# scored on separately drawn synthetic TRACE items by code (eval.py).
 
 
 @dataclass
@@ -1463,7 +1463,7 @@ class ToyConfig:
     out: str = "runs/toy"  # everything goes under OUT/seed{seed}/
     seed: int = 0  # one seed drives the data, the model init and the data order
     n_train: int = 2000  # synthetic training instructions for SFT
-    n_eval: int = 200  # held-out evaluation items
+    n_eval: int = 200  # evaluation items (drawn apart; many one-constraint prompts also occur in training)
     preset: str = "tiny"  # model.PRESETS size of the from-scratch model
     vocab: int = 1024  # tokenizer vocabulary
     sft_steps: int = 1200  # SFT optimizer steps (copying keywords from the prompt appears after ~1000)
@@ -1500,7 +1500,9 @@ def toy_reproduction(tc):
     for kind in ("dpo", "iopo"):
         files[kind] = root / "data" / f"{kind}_first{n_pref}.jsonl"
         evaluation.write_jsonl(files[kind], data[kind][:n_pref])
+    seen = data["stats"]["eval_prompts_in_training"]
     print(f"[{time.time() - t0:5.0f}s] data: {len(data['sft'])} training instructions, {len(data['eval'])} eval items "
+          f"({seen['items']} of their prompts also occur in training, by constraint count {seen['by_constraints']}) "
           f"-> {root / 'data'}")
 
     common = dict(seed=tc.seed, grad_accum=1, warmup_ratio=0.1, max_len=512, toy_preset=tc.preset, toy_vocab=tc.vocab,
@@ -1534,7 +1536,7 @@ def toy_reproduction(tc):
     table = evaluation.compare_table(reports)
     evaluation.write_atomic(root / "results.md", table)
     write_json_atomic(root / "results.json", {r["label"]: r["metrics"] for r in reports})
-    print(f"\nSynthetic TRACE, {len(items)} held-out items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}")
+    print(f"\nSynthetic TRACE, {len(items)} evaluation items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}")
     return reports
 
 
