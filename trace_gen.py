@@ -350,6 +350,9 @@ TOY_ITEMS = ["plan", "practice", "rest", "review", "share"]
 # The draft: a response as parts that constraint writers edit, rendered to text at the end
 
 
+FILLER_WORDS = 9  # about how many words a filler sentence adds, to guess how many a word minimum needs
+
+
 class Draft:
     """Parts of a response. Writers of different constraints edit different parts, so they compose."""
 
@@ -398,14 +401,14 @@ class Draft:
         fillers = [f for f in fillers if self._ok(f)]
         closing = []
         if self.closing and not self.ctx["toy"]:
-            options = [f"{p}, it pays to give {topic} steady attention." for p in [self.ctx["habit"]] + CLOSING_PHRASES]
+            options = [f"{p}, it pays to give {topic} steady attention." for p in [self.ctx["closing_phrase"]] + CLOSING_PHRASES]
             closing = [next((c for c in options if self._ok(c)), "That covers the main points.")]
         n = self.ctx["n_fill"]
         if not (self.min_words or self.min_sents or self.min_topic):
             return self._compose(body + fillers[:n] + closing)
         while True:    # add fillers (cycling through them) until the length minimums hold
             text = self._compose(body + [fillers[i % len(fillers)] for i in range(n)] + closing if fillers else body + closing)
-            short = max((self.min_words - count_words(text) + 8) // 9 if self.min_words else 0,
+            short = max(-(-(self.min_words - count_words(text)) // FILLER_WORDS) if self.min_words else 0,
                         self.min_sents - len(split_sentences(text)) if self.min_sents else 0,
                         self.min_topic - count_word(text, topic) if self.min_topic else 0)
             if short <= 0 or n >= 80 or not fillers:
@@ -1386,7 +1389,7 @@ class NegativeExample(Family):
                  'Bad example: "{phrase}, everyone knows this." Avoid its opening; the phrase "{phrase}" must not appear.']
 
     def sample(self, rng, ctx):
-        return {"phrase": ctx["habit"] if rng.random() < 0.7 else rng.choice(CLOSING_PHRASES)}
+        return {"phrase": ctx["closing_phrase"] if rng.random() < 0.7 else rng.choice(CLOSING_PHRASES)}
 
     def check(self, p, r):
         """The phrase does not occur (case-insensitive, not inside a longer word)."""
@@ -1525,7 +1528,8 @@ def make_task(rng, toy, kinds=None):
         topic, cat = rng.choice(TOPICS)
         options = [(k, w) for k, w in INPUT_KIND_WEIGHTS if kinds is None or k in kinds]
         kind = rng.choices([k for k, _ in options], [w for _, w in options])[0]
-    ctx = {"topic": topic, "category": cat, "input_kind": kind, "toy": toy, "input": None, "habit": rng.choice(CLOSING_PHRASES)}
+    ctx = {"topic": topic, "category": cat, "input_kind": kind, "toy": toy, "input": None,
+           "closing_phrase": rng.choice(CLOSING_PHRASES)}  # the phrase this task's answers close with
     if toy:
         ctx.update(description=f"Write a short note about {topic}.", opening=f"Here is a note on {topic}.",
                    fillers=[rng.choice(TOY_FILLERS)], n_fill=1, habit_words=["very", "really", "just"],
@@ -1705,7 +1709,9 @@ def make_rejected(rng, ctx, specs):
 
 
 def make_quadruple(rng, ctx, specs, y1, sampler, ops=("ADD", "DELETE", "REVISE")):
-    """x2 from x1 by ADD, DELETE or REVISE (uniform), y2 compliant to x2; all four pairings verified."""
+    """x2 from x1 by ADD, DELETE or REVISE (uniform), y2 compliant to x2; all four pairings verified. ADD and
+    DELETE are one swap (a constraint out, another in: docstring item 3); `op` names the primary half. The
+    constraint most likely to fail is checked first ([old] + specs, [specs2[at]] + specs2): order is speed only."""
     for _ in range(12):
         op = rng.choice(ops)
         i = rng.randrange(len(specs))
