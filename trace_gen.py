@@ -922,6 +922,10 @@ class ProcessOrder(Family):
         return {"steps": p["steps"], "order": "reverse" if p["order"] == "given" else "given"}
 
 
+NL_PROCESS_ORDER = ProcessOrder("nl_process_order", "Natural-Language Process Background", "nl_process")
+MD_PROCESS_ORDER = ProcessOrder("md_process_order", "Markdown Process Background", "md_process")
+
+
 class Lookup(Family):
     fields, slot = ("question", "value"), "lookup"
 
@@ -944,6 +948,15 @@ class Lookup(Family):
         options = [f for f in ctx["facts"] if f[1] != p["value"]]
         question, value = rng.choice(options)
         return {"question": question, "value": value}
+
+
+TABLE_LOOKUP = Lookup(
+    "table_lookup", "Table Background", "table",
+    ["Using the table in the input, state {question}.", "Read the table in the input and give {question}."])
+PASSAGE_FACT = Lookup(
+    "passage_fact", "Text Background", "passage",
+    ["Base your answer on the passage in the input and state {question}.",
+     "Using only the passage in the input, mention {question}."])
 
 
 class ToneRegister(Family):
@@ -1017,6 +1030,16 @@ class Lexicon(Family):
     def revise(self, rng, p, ctx, y1=""):
         options = [v for v in self.lexicons.values() if v != p["words"]]
         return {"words": rng.choice(options), "k": p["k"]} if options else None
+
+
+TONE_HEDGING = Lexicon(
+    "tone_hedging", "Tone and Style", "hedging", {"hedging": HEDGES},
+    ["Sound measured rather than absolute: use at least {k} of these hedging words: {list}.",
+     "Keep a cautious tone by using {k} or more of: {list}."], "That is {w} the case.")
+EMOTION_LEXICON = Lexicon(
+    "emotion_lexicon", "Emotion", "emotion", {"positive": POSITIVE, "negative": NEGATIVE},
+    ["Convey a {label} feeling: use at least {k} different words from this list: {list}.",
+     "Express a {label} emotion with {k} or more of these words: {list}."], "People feel {w} about it.")
 
 
 class Questions(Family):
@@ -1310,6 +1333,16 @@ class ListCount(Family):
         return {"n": _other(rng, [2, 3] if ctx["toy"] else [2, 3, 4, 5], p["n"])}
 
 
+# bullets: "- " or "* " items; a "* * *" rule line is none
+BULLET_LIST = ListCount(
+    "bullet_list", "-", r"^\s*[-*]\s+(?![-*\s]*$)\S",
+    ['Present the main points as exactly {n} bullet points starting with "- ".',
+     'Include a bulleted list with exactly {n} items (use "- ").'])
+NUMBERED_LIST = ListCount(
+    "numbered_list", "1.", r"^\s*\d+[.)]\s+\S",
+    ['List exactly {n} numbered items ("1.", "2.", ...).', "Give a numbered list of exactly {n} points."])
+
+
 class Sections(Family):
     name, dimension, fields, slot, tags = "sections", "Hierarchical Structure", ("n",), "sections", ("lines",)
     phrasings = ['Organize the answer into exactly {n} sections, each introduced by a level-2 markdown heading ("## ").',
@@ -1364,6 +1397,17 @@ class LabelledLines(Family):
         return {"labels": new}
 
 
+TEMPLATE_LINES = LabelledLines(
+    "template_fields", "Template", "template", None,
+    ["Fill in this template, one field per line, in this order: {tpl}.",
+     "Include these fields, each on its own line and in this order: {tpl}."], "see above.")
+POSITIVE_EXAMPLE = LabelledLines(
+    "positive_example", "Positive Example", "positive_example", EXAMPLE_LABELS,
+    ['Follow the format of this good example: "{a}: ... {b}: ...". Give a "{a}:" line, then a "{b}:" line.',
+     'Here is an example answer to imitate: "{a}: yes. {b}: it helps." Use the same two labelled lines, in order.'],
+    "it helps in practice.")
+
+
 class Postscript(Family):
     name, dimension, fields, slot, tags = "postscript", "Template", ("marker",), "ending", ("lines",)
     phrasings = ['End with a postscript that starts with "{marker}".', 'Add a postscript at the end, beginning with "{marker}".']
@@ -1405,39 +1449,12 @@ class NegativeExample(Family):
         return {"phrase": _other(rng, CLOSING_PHRASES, p["phrase"])}
 
 
-FAMILY_LIST = [
+FAMILY_LIST = [  # this order is part of the generator: it fixes which family a random draw picks
     ThemeRepeat(), ExcludeWords(), NoCommas(), IncludeKeywords(), KeywordFrequency(), IncludePhrase(), ValueLine(),
-    PrivacyMask(), WordRange(), WordMax(), SentenceMin(), RoleIntro(), Audience(), PriorCondition(),
-    ProcessOrder("nl_process_order", "Natural-Language Process Background", "nl_process"),
-    ProcessOrder("md_process_order", "Markdown Process Background", "md_process"),
-    Lookup("table_lookup", "Table Background", "table",
-           ["Using the table in the input, state {question}.", "Read the table in the input and give {question}."]),
-    Lookup("passage_fact", "Text Background", "passage",
-           ["Base your answer on the passage in the input and state {question}.", "Using only the passage in the input, mention {question}."]),
-    ToneRegister(),
-    Lexicon("tone_hedging", "Tone and Style", "hedging", {"hedging": HEDGES},
-            ["Sound measured rather than absolute: use at least {k} of these hedging words: {list}.",
-             "Keep a cautious tone by using {k} or more of: {list}."], "That is {w} the case."),
-    Lexicon("emotion_lexicon", "Emotion", "emotion", {"positive": POSITIVE, "negative": NEGATIVE},
-            ["Convey a {label} feeling: use at least {k} different words from this list: {list}.",
-             "Express a {label} emotion with {k} or more of these words: {list}."], "People feel {w} about it."),
-    Questions(), Simile(), ForeignSentence(), JsonWrap(), QuotesWrap(), Title(), Bold(), StartWord(), EndPhrase(),
-    LetterCase(), IfSentences(), Citations(),
-    # "- " or "* " items; a "* * *" rule line is none
-    ListCount("bullet_list", "-", r"^\s*[-*]\s+(?![-*\s]*$)\S", ['Present the main points as exactly {n} bullet points starting with "- ".',
-                                                       "Include a bulleted list with exactly {n} items (use \"- \")."]),
-    ListCount("numbered_list", "1.", r"^\s*\d+[.)]\s+\S", ['List exactly {n} numbered items ("1.", "2.", ...).',
-                                                            "Give a numbered list of exactly {n} points."]),
-    Sections(),
-    LabelledLines("template_fields", "Template", "template", None,
-                  ["Fill in this template, one field per line, in this order: {tpl}.",
-                   "Include these fields, each on its own line and in this order: {tpl}."], "see above."),
-    Postscript(),
-    LabelledLines("positive_example", "Positive Example", "positive_example", EXAMPLE_LABELS,
-                  ['Follow the format of this good example: "{a}: ... {b}: ...". Give a "{a}:" line, then a "{b}:" line.',
-                   'Here is an example answer to imitate: "{a}: yes. {b}: it helps." Use the same two labelled lines, in order.'],
-                  "it helps in practice."),
-    NegativeExample(),
+    PrivacyMask(), WordRange(), WordMax(), SentenceMin(), RoleIntro(), Audience(), PriorCondition(), NL_PROCESS_ORDER,
+    MD_PROCESS_ORDER, TABLE_LOOKUP, PASSAGE_FACT, ToneRegister(), TONE_HEDGING, EMOTION_LEXICON, Questions(), Simile(),
+    ForeignSentence(), JsonWrap(), QuotesWrap(), Title(), Bold(), StartWord(), EndPhrase(), LetterCase(), IfSentences(),
+    Citations(), BULLET_LIST, NUMBERED_LIST, Sections(), TEMPLATE_LINES, Postscript(), POSITIVE_EXAMPLE, NegativeExample(),
 ]
 FAMILIES = {f.name: f for f in FAMILY_LIST}
 # a preset a few-million-parameter model can learn on a CPU in minutes: surface-level, short answers
