@@ -710,11 +710,11 @@ def item_key(item, n):
     return str(item.get("id", n))
 
 
-def judge_trace(items, responses):
+def judge_trace(items, responses, linenos=None):
     """Per-item rows: the verdict of every constraint in item['checks'] on the matching response.
 
     responses: a list aligned with items, or a dict id -> response; None (or an absent id) is a missing answer,
-    which fails every constraint and is flagged in the row.
+    which fails every constraint and is flagged in the row. linenos: the items' lines in their file, for errors.
     """
     if isinstance(responses, dict):
         responses = [responses.get(item_key(item, n)) for n, item in enumerate(items)]
@@ -723,21 +723,22 @@ def judge_trace(items, responses):
     rows = []
     for n, (item, response) in enumerate(zip(items, responses)):
         item_id = item_key(item, n)
+        where = f"item {item_id}" if linenos is None else f"line {linenos[n]} (item {item_id})"
         checks = item.get("checks")
         if not isinstance(checks, list) or not checks:
-            raise ValueError(f"item {item_id}: needs a non-empty 'checks' list (trace_gen.py eval items carry one)")
+            raise ValueError(f"{where}: needs a non-empty 'checks' list (trace_gen.py eval items carry one)")
         verdicts = []
         for j, spec in enumerate(checks):
             if not isinstance(spec, dict) or not {"dimension", "type", "family", "params"} <= spec.keys():
-                raise ValueError(f"item {item_id}, constraint {j + 1}: a spec needs dimension, type, family and "
+                raise ValueError(f"{where}, constraint {j + 1}: a spec needs dimension, type, family and "
                                  f"params, got {spec!r:.200}")
             if spec.get("priority", "primary") not in ("primary", "secondary"):
-                raise ValueError(f"item {item_id}, constraint {j + 1}: priority must be 'primary' or 'secondary', "
+                raise ValueError(f"{where}, constraint {j + 1}: priority must be 'primary' or 'secondary', "
                                  f"got {spec['priority']!r}")
             try:
                 verdicts.append(response is not None and trace_gen.check(spec, response))
             except ValueError as e:
-                raise ValueError(f"item {item_id}, constraint {j + 1}: {e}") from None
+                raise ValueError(f"{where}, constraint {j + 1}: {e}") from None
         rows.append({"id": item_id, "constraints_num": len(checks), "follow_all": all(verdicts),
                      "verdicts": verdicts, "types": [s["type"] for s in checks],
                      "dimensions": [s["dimension"] for s in checks],
@@ -932,10 +933,11 @@ def _label(args):
     return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
-def _judge_or_exit(path, items, responses):
-    """(rows, report) of judge_trace and trace_report; a malformed item stops the command naming the file."""
+def _judge_or_exit(path, numbered, responses):
+    """(rows, report) of judge_trace and trace_report on (line, item) pairs; a malformed item stops the command
+    naming the file and the line."""
     try:
-        rows = judge_trace(items, responses)
+        rows = judge_trace([item for _, item in numbered], responses, [lineno for lineno, _ in numbered])
         return rows, trace_report(rows)
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
@@ -948,7 +950,7 @@ def cmd_trace(args):
     out = _out_folder(args.out or Path("runs") / "eval" / f"trace-{_label(args)}", args)
     generation = None
     if args.model:
-        _judge_or_exit(args.data, items, ["x"] * len(items))  # every spec checked before the slow generation
+        _judge_or_exit(args.data, numbered, ["x"] * len(items))  # every spec checked before the slow generation
         answers, generation = _generate(args, items)
         responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
         # kept at once: generation is the slow part, and --responses can score them again
@@ -963,7 +965,7 @@ def cmd_trace(args):
                              f"(response ids e.g. {sorted(unknown)[:3]}, item ids e.g. {ids[:3]})")
         if unknown:
             print(f"warning: {len(unknown)} responses match no item id in {args.data} (e.g. {sorted(unknown)[:3]})")
-    rows, report = _judge_or_exit(args.data, items, responses)
+    rows, report = _judge_or_exit(args.data, numbered, responses)
     report.update(benchmark="trace", label=_label(args), data=str(args.data), source=_source(args),
                   **({"generation": generation} if generation else {}))
     table = trace_markdown(report)

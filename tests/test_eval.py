@@ -521,11 +521,12 @@ def test_duplicates_are_errors_naming_both_lines(tmp_path, toy_trace):
 
 
 def test_cli_errors_name_item_key_line_and_out(tmp_path, toy_trace):
-    """A mis-cased priority, a bad IFEval relation, a bad response line and a file as --out are one-line errors."""
+    """A mis-cased priority (named by its line and item), a bad IFEval relation, a bad response line and a file as
+    --out are one-line errors."""
     data, refs = _trace_files(tmp_path, toy_trace, n=1)
     item = toy_trace["eval"][0]
     E.write_jsonl(data, [dict(item, checks=[dict(item["checks"][0], priority="Primary")] + item["checks"][1:])])
-    with pytest.raises(SystemExit, match=r"eval.jsonl: item 0, constraint 1: priority must be .*got 'Primary'"):
+    with pytest.raises(SystemExit, match=r"eval.jsonl: line 1 \(item 0\), constraint 1: priority must be .*got 'Primary'"):
         E.main(["trace", "--data", str(data), "--responses", str(refs), "--out", str(tmp_path / "o")])
     inputs = E.read_jsonl(FIXTURES / "ifeval_mini.jsonl")
     inputs[2] = dict(inputs[2], instruction_id_list=["keywords:frequency"],
