@@ -26,6 +26,7 @@ What we simplify or leave out:
 import argparse
 import collections
 import functools
+import inspect
 import json
 import re
 import unicodedata
@@ -615,7 +616,13 @@ def check_instruction(instruction_id, kwargs, response, loose=False):
     try:
         return any(c.strip() and check(c, **kwargs) for c in candidates)
     except (TypeError, re.error) as e:  # a missing or mistyped argument, a keyword that is not a valid pattern
-        raise ValueError(f"{instruction_id}: bad arguments {sorted(kwargs)} ({e})") from None
+        params = dict(list(inspect.signature(check).parameters.items())[1:])  # after the response
+        missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
+        unknown = sorted(set(kwargs) - set(params))
+        if missing or unknown:
+            raise ValueError(f"{instruction_id}: expects arguments {list(params)}; missing {missing}, "
+                             f"unknown {unknown}") from None
+        raise ValueError(f"{instruction_id}: bad argument values {kwargs} ({e})") from None
     except ValueError as e:
         raise ValueError(f"{instruction_id}: {e}") from None
 

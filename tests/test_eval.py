@@ -244,8 +244,8 @@ def test_score_ifeval_format_and_missing_response():
 
 
 def test_ifeval_bad_kwargs_name_the_instruction():
-    """A missing argument is an error that names the instruction id, not a silent random value."""
-    with pytest.raises(ValueError, match="keywords:frequency"):
+    """A missing argument is an error that names the instruction id and the argument, not a silent random value."""
+    with pytest.raises(ValueError, match=r"keywords:frequency: expects .*missing \['frequency', 'relation'\]"):
         E.check_instruction("keywords:frequency", {"keyword": "a"}, "a a a")
     with pytest.raises(ValueError, match="unknown IFEval instruction"):
         E.check_instruction("keywords:nope", {}, "a")
