@@ -7,8 +7,9 @@
     torchrun --nproc_per_node=8 iopo.py iopo ...                    # data parallel (add --fsdp to shard weights)
 
 This file holds, bottom-up: the log-prob kernel that turns final hidden states into log p(token), the
-three losses (SFT, DPO, IOPO) as pure functions of per-sequence log-probs, LoRA, the training loop, and the
-toy reproduction of the paper's Table 3.
+three losses (SFT, DPO, IOPO) as pure functions of per-sequence log-probs, LoRA, the training step, then what
+a real run needs around it (distributed training, reference log-probs, checkpoints: skip these on a first
+reading), the training loop, and the toy reproduction of the paper's Table 3.
 
 Papers followed:
 - IOPO, Zhang et al. 2024, arXiv 2411.06208 (ACL 2025): the loss of Section 3 and the ablations of Table 4.
