@@ -303,21 +303,32 @@ def _raw_records(path):
         head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte order mark may come first
         f.seek(0)
         if head[:1] != b"[":
-            offset = 0
-            for line, raw in enumerate(f, start=1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
-                try:
-                    yield line, start, json.loads(raw.rstrip(b"\r\n"))  # so an error's column is on this line
-                except ValueError as e:  # bad UTF-8, bad JSON, an integer of more than 4,300 digits
-                    where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
-                    yield line, start, _Bad(f"not valid JSON ({where})")
+            yield from _jsonl_records(f)
             return
         try:
             text = f.read().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 ({e})") from None
+    yield from _array_records(text)
+
+
+def _jsonl_records(f):
+    """(line, byte offset, object or _Bad) for each non-blank line of an open binary JSONL file."""
+    offset = 0
+    for line, raw in enumerate(f, start=1):
+        start, offset = offset, offset + len(raw)
+        if not raw.strip():
+            continue
+        try:
+            yield line, start, json.loads(raw.rstrip(b"\r\n"))  # so an error's column is on this line
+        except ValueError as e:  # bad UTF-8, bad JSON, an integer of more than 4,300 digits
+            where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
+            yield line, start, _Bad(f"not valid JSON ({where})")
+
+
+def _array_records(text):
+    """(line, None, object) for each element of the JSON array `text`, each with the line it starts on; a
+    broken array ends with one _Fatal (nothing after the break can be trusted)."""
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
     line, counted, after_element = 1, 0, False
     while True:
