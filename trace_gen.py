@@ -793,7 +793,10 @@ class WordMax(Family):
 class SentenceMin(Family):
     name, dimension, fields, slot = "sentence_min", "Numerical", ("n",), "sentences"
     revisable = False
-    phrasings = ["Write at least {n} sentences.", "The answer needs {n} or more sentences.", "Use a minimum of {n} sentences."]
+    # the phrasings say what counts, as split_sentences counts: a reader could take a list item for a sentence
+    phrasings = ["Write at least {n} full sentences (headings, labels and list items without a full stop do not count).",
+                 "The answer needs {n} or more complete sentences; headings and list items without a full stop are not counted.",
+                 "Use a minimum of {n} sentences of running text, not counting headings or list items without a full stop."]
 
     def sample(self, rng, ctx):
         return {"n": rng.randint(4, 9)}
