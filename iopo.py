@@ -715,8 +715,8 @@ def micro_batch(cfg, examples, pad_id, vocab_size, every_sequence=False):
 def sequence_sums(cfg, token_logps, labels, labels_b=None):
     """(S,) log-prob sums and (S,) scored-token counts of the batch's sequences, in the collators' order
     (sequence j of every example in block j; data.IOPO_ORDER for IOPO, less the (x2, y2) block in three_seq's
-    plain rows: policy_rows). token_logps is (R, T-1) for plain
-    rows; for packed ones (labels_b given) it is (2, R, T-1), the y_a and y_b log-probs of each row."""
+    plain rows: policy_rows). token_logps is (R, T-1) for plain rows; for packed ones (labels_b given) it is
+    (2, R, T-1), the y_a and y_b log-probs of each row."""
     logps = token_logps.sum(-1)  # (R,) L(y|x); packed: (2, R)
     n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     if labels_b is None:
@@ -867,9 +867,9 @@ CACHE_KEY_CHARS = 24  # hex digits of the reference-cache key
 def reference_cache_key(cfg, tokenizer_dir):
     """A name that changes whenever the method, the data, the tokenizer, the reference weights (and whether
     they are LoRA's base), the cut length, the compute dtype, packing or the way reference log-probs are
-    computed (REFERENCE_VERSION) change. Packed
-    and plain rows give the same log-probs to rounding (tests/test_scale.py); the key keeps them apart anyway,
-    so that one configuration always trains on the same numbers."""
+    computed (REFERENCE_VERSION) change. Packed and plain rows give the same log-probs to rounding
+    (tests/test_scale.py); the key keeps them apart anyway, so that one configuration always trains on the
+    same numbers."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
     parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0), str(cfg.pack),
              file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]), file_digest(weights)]
