@@ -252,6 +252,58 @@ def test_checkers_on_hand_written_answers():
     assert not c("privacy_mask", "a@b.c *** ***", secrets=["a@b.c", "555"], mask="***")
 
 
+# (family, params, answer, verdict, what it pins): one case per promise in a checker's docstring or phrasing that
+# the family's own writer never tests, because the writer and the checker agree by construction
+SECRETS = {"secrets": ["ana@example.com", "555-0142"], "mask": "[hidden]"}
+STEPS = {"steps": ["mix the flour", "knead the dough"], "order": "given"}
+HAND_VERDICTS = [
+    ("sentence_min", {"n": 2}, "Is it ready? Yes it is.", True, "a question mark ends a sentence"),
+    ("include_keywords", {"keywords": ["river"]}, "The riverbank is calm.", False, "a keyword inside a longer word"),
+    ("value_line", {"label": "Disclaimer"}, "Tea is calm.\n- Disclaimer: ask a doctor first.", True,
+     "a label after a leading '- '"),
+    ("exclude_words", {"words": ["very", "really"]}, "It is really fine.", False, "any one excluded word breaks it"),
+    ("privacy_mask", SECRETS, "Mail ANA@Example.com or [hidden], [hidden].", False, "an e-mail in other case leaks"),
+    ("privacy_mask", SECRETS, "Write to [hidden] for details.", False, "one mask for two secrets"),
+    ("word_range", {"lo": 2, "hi": 5}, "one two three four five", True, "hi words are within the range"),
+    ("word_range", {"lo": 2, "hi": 5}, "one two", True, "lo words are within the range"),
+    ("word_max", {"n": 3}, "one two three", True, "exactly n words is at most n"),
+    ("audience", {"audience": "students", "max_len": 8}, "Dear students. This one sentence runs on for far more "
+     "than eight words.", False, "one long sentence breaks it"),
+    ("audience", {"audience": "students", "max_len": 8}, "Dear students, this line has exactly eight words.", True,
+     "a sentence of exactly max_len words"),
+    ("prior_condition", {"category": "food", "expected": "related", "other": "unrelated"},
+     "Relevance: related.\nRelevance: unrelated.", False, "both answers given"),
+    ("nl_process_order", STEPS, "Then knead the dough.", False, "a step left out"),
+    ("tone_register", {"style": "formal"}, "This is a great idea!", False, "formal allows no exclamation mark"),
+    ("tone_register", {"style": "casual"}, "It's fine. It is good.", False, "casual needs two contractions"),
+    ("emotion_lexicon", {"words": ["joyful", "hopeful", "cheerful"], "k": 2}, "I am hopeful, so hopeful.", False,
+     "one word twice is not two different words"),
+    ("simile", {"form": "like"}, "Like a bird, it sings.", True, "a simile opening a sentence (capital L)"),
+    ("foreign_sentence", {"language": "French", "options": ["Merci pour votre lecture."]},
+     "Bye. Merci pour votre lecture!", True, "the final period is optional"),
+    ("json_wrap", {"key": "answer"}, '{"answer": "x", "extra": "y"}', False, "a second key"),
+    ("quotes_wrap", {}, '"', False, "one quote mark is not a pair"),
+    ("title", {}, "<<   >>\nBody.", False, "a blank title"),
+    ("bold", {"k": 2}, "A ** ** b **x**.", False, "a blank bold span"),
+    ("if_sentences", {"k": 1}, "Iffy weather today.", False, "'Iffy' is not the word 'If'"),
+    ("citations", {"k": 2, "label": "Sources"}, "As shown [1] and again [1].\nSources:\n[1] a", False,
+     "one number cited twice is one citation"),
+    ("numbered_list", {"n": 2}, "1) a\n2) b", True, "items numbered '1)'"),
+    ("sections", {"n": 2}, "## A\nx\n### Sub\ny\n## B\nz", True, "a '### ' heading is not level 2"),
+    ("template_fields", {"labels": ["Topic", "Summary", "Rating"]}, "Summary: x\nRating: y", False,
+     "the first label left out"),
+    ("table_lookup", {"question": "the population", "value": "4,512"}, "It has 4512 people.", True,
+     "a value given with a thousands separator"),
+]
+
+
+@pytest.mark.parametrize("fam,params,answer,want,why", HAND_VERDICTS, ids=[f"{c[0]}-{c[4]}" for c in HAND_VERDICTS])
+def test_checker_verdict_on_a_hand_written_edge_case(fam, params, answer, want, why):
+    """One checker on one hand-written answer gives the verdict its docstring and phrasing promise."""
+    got = tg.check({"family": fam, "params": params}, answer)
+    assert got == want, f"{fam} {params} on {answer!r} ({why}): {got}, expected {want}"
+
+
 def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     """An e-mail, a phone number and "P.S." are one word each; headings, titles, labels, source entries and list
     items without a full stop are not sentences, and "P.S." ends none; a one-key JSON answer is judged on its
