@@ -45,14 +45,19 @@ IFEVAL_CASES = [
      "First part.\n\n\"Then, the second.", True, True),  # leading quote and trailing comma are dropped
     ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"},
      "\n\nFirst part.\n\nThen the second.", False, True),  # the empty leading piece is paragraph #1
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"},
+     "First.\n\nThen second.\n\nThird.", False, True),  # 3 paragraphs, not 2; loose drops the third
     ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name], see [address].", True, True),
     ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Dear [name].", False, False),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "[a], [b] and [c]", True, True),  # at least
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\np.s. bye", True, True),
     ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Hi.\nP. P. S. later", True, True),
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi. PS bye", False, False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\nP.S. bye\nSee you.", True, True),  # not last line
     ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "* a\n  - b\n---", True, True),  # "---" counts
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "**Bold**\n* a\n* b\n1. c", True, True),
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "Intro\n* a\n* b\n* c", False, True),  # loose: last line
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "  * a\n  * b", True, True),  # indented "*"
     ("detectable_format:constrained_response", {}, "Well. My answer is maybe.", True, True),
     ("detectable_format:constrained_response", {}, "my answer is yes.", False, False),  # case-sensitive
     ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* and **two**", True, True),
@@ -61,6 +66,8 @@ IFEVAL_CASES = [
      "SECTION 1\nfoo\nSECTION 2\nbar", True, True),
     ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
      "Section 1\nfoo\nSection 2\nbar", False, False),  # case-sensitive
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\na\nSECTION 2\nb\nSECTION 3\nc", True, True),  # at least
     ("detectable_format:json_format", {}, "```json\n{\"a\": 1}\n```", True, True),
     ("detectable_format:json_format", {}, "Here you go:\n{\"a\": 1}", False, True),  # loose drops the first line
     ("detectable_format:json_format", {}, "[" * 5000, False, False),  # too deep for the parser: not JSON, no crash
@@ -70,6 +77,7 @@ IFEVAL_CASES = [
     ("detectable_format:title", {}, "<<  >>\nbody", False, False),
     ("combination:two_responses", {}, "Answer one.\n******\nAnswer two.", True, True),
     ("combination:two_responses", {}, "Same.\n******\nSame.", False, False),
+    ("combination:two_responses", {}, "A.\n******\n******\nB.", False, False),  # an empty answer between dividers
     ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "  say HI. Hello!", True, True),
     ("combination:repeat_prompt", {"prompt_to_repeat": "Say hi."}, "Sure! Say hi. Hello!", False, False),
     ("startend:end_checker", {"end_phrase": "Any questions?"}, "Done. any questions?\"  ", True, True),
