@@ -89,6 +89,24 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
         assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"{m}: 2 processes {two} vs 1 process {one}"
 
 
+def test_ddp_processes_draw_their_own_dropout(toy, tmp_path, monkeypatch):
+    """2 DDP processes each draw their own dropout (seeded with seed + rank): their first steps differ."""
+    folder, paths, base = toy
+    real = iopo.policy_loss
+
+    def recording(*args, **kwargs):  # runs in the forked processes: what the step's dropout would draw next
+        with torch.random.fork_rng(devices=[]):
+            draw = torch.rand(4).tolist()
+        (tmp_path / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(draw))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(iopo, "policy_loss", recording)
+    run_ranks([argv("sft", base, paths["sft"], tmp_path / "run", max_steps=1, grad_accum=1, lora_rank=4,
+                    lora_dropout=0.3)])
+    draws = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert draws[0] != draws[1], f"both processes drew {draws[0]}: their dropout masks would be identical"
+
+
 def test_uneven_last_micro_batch_matches_one_process(toy, tmp_path):
     """Across an epoch's end, where the last global micro-batch does not split evenly over 2 processes (19
     examples in batches of 4: 3 left, shares of 2 and 1) or leaves one process nothing (17: 1 left), the losses
