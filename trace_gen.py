@@ -1139,7 +1139,8 @@ class JsonWrap(Family):
             obj = json.loads(_strip_fences(r))
         except ValueError:
             return False
-        return isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)).lower() == p["key"] and isinstance(next(iter(obj.values())), str)
+        return (isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)).lower() == p["key"].lower()
+                and isinstance(next(iter(obj.values())), str))
 
     def write(self, d, p):
         d.wrap, d.json_key = "json", p["key"]
@@ -1212,9 +1213,12 @@ class StartWord(Family):
         return {"word": rng.choice(ctx.get("start_words", START_WORDS))}
 
     def check(self, p, r):
-        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-' equals word (case-insensitive)."""
-        m = WORD_RE.search(r.lstrip(" \n\t\"'#*-<"))
-        return m is not None and m.start() == 0 and m.group(0).lower() == p["word"].lower()
+        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-' equals word (case-insensitive); "Well-known"
+        does not start with "Well"."""
+        s = r.lstrip(" \n\t\"'#*-<")
+        m = WORD_RE.search(s)
+        return m is not None and m.start() == 0 and m.group(0).lower() == p["word"].lower() and \
+            not re.match(r"-\w", s[m.end():])
 
     def write(self, d, p):
         d.first = p["word"]
@@ -1236,8 +1240,9 @@ class EndPhrase(Family):
 
     def check(self, p, r):
         """Stripped response, outer '"' removed, ends with the phrase (case-insensitive, whitespace runs as one
-        space)."""
-        return one_spaced(r.strip().strip('"').lower()).endswith(one_spaced(p["phrase"].lower()))
+        space), which starts a word there: "Many questions are welcome." does not end with "Any questions ..."."""
+        text, phrase = one_spaced(r.strip().strip('"').lower()), one_spaced(p["phrase"].lower())
+        return text.endswith(phrase) and not text[:len(text) - len(phrase)][-1:].isalnum()
 
     def write(self, d, p):
         d.end = p["phrase"]

@@ -294,6 +294,12 @@ HAND_VERDICTS = [
      "the first label left out"),
     ("table_lookup", {"question": "the population", "value": "4,512"}, "It has 4512 people.", True,
      "a value given with a thousands separator"),
+    ("end_phrase", {"phrase": "Any questions are welcome."}, "Tea is calm. Many questions are welcome.", False,
+     "the phrase must start a word: 'Many' is not 'Any'"),
+    ("end_phrase", {"phrase": "Any questions are welcome."}, '"Tea is calm. Any questions\nare welcome."', True,
+     "the phrase across a line break, inside quotes"),
+    ("start_word", {"word": "Well"}, "Well-known tips follow.", False, "'Well-known' does not start with 'Well'"),
+    ("json_wrap", {"key": "Answer"}, '{"answer": "x"}', True, "the key in any case, the spec's too"),
 ]
 
 
