@@ -565,13 +565,15 @@ def _encode_group(tok, prompts, responses, pairs, max_len, stats, check):
     its end, generation header included, and a cut response loses its end-of-turn token; we follow the same
     rule (our targets can be one token shorter: data.py's departure 2). For IOPO quadruples we use the
     longer prompt and the longer response of the four: one shared budget, so a short answer stays whole
-    while a long one may be cut. The authors' IOPO processor is not in the public release we could read; this is the
-    pairwise rule extended."""
+    while a long one may be cut. The authors' IOPO processor is not in the public release we could read; this
+    is the pairwise rule extended."""
     # Text that spells a special token ("<|im_end|>" inside an answer) is read as that token, a turn boundary,
     # as transformers' chat templates read it too; it is kept and counted (EncodeStats.special_text)
     written = [m["content"] for msgs in prompts for m in msgs] + list(responses)  # as the file has them
     special = any(t in text for t in getattr(tok, "special_tokens", ()) for text in written)
-    answers = [rendered_response(tok, prompts[0], y) for y in responses]  # as the template writes them
+    # as the template writes them; after prompts[0] only: the answer's rendering does not depend on the prompt
+    # in either template family (rendered_response checks the split), so x2's answers read the same
+    answers = [rendered_response(tok, prompts[0], y) for y in responses]
     x_ids = [prompt_ids(tok, m) for m in prompts]
     y_ids = [response_ids(tok, a) for a in answers]
     merges = sum(seam_merges(tok, prompts[i], answers[j], x_ids[i], y_ids[j]) for i, j in pairs) if check else 0
