@@ -3,7 +3,8 @@
 Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help`):
 
     python iopo.py     # the toy reproduction: writes runs/toy/seed0/{data, sft, dpo, iopo}
-    python eval.py trace  --data runs/toy/seed0/data/eval.jsonl --model runs/toy/seed0/iopo/final  # -> runs/eval/trace-iopo
+    python eval.py trace  --data runs/toy/seed0/data/eval.jsonl --model runs/toy/seed0/iopo/final
+        # -> runs/eval/trace-iopo
     python eval.py trace  --data trace_eval.jsonl --model runs/q7/final --out runs/trace_q7
     python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model runs/q7/final --out runs/ifeval_q7
     python eval.py compare runs/trace_q7 runs/ifeval_q7   # Table 3 layout: one row per label (here: q7)

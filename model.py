@@ -1,8 +1,8 @@
 """The network every other script stands on: a Llama / Qwen2 / Mistral decoder that loads and saves Hugging Face
 checkpoints, their tokenizer and chat template, and batched generation with a KV cache.
 
-    python model.py --model runs/toy/seed0/iopo/final --prompt "Write two sentences about rivers."  # after `python iopo.py`
-    python model.py --model ~/models/Qwen2-0.5B-Instruct --prompt "Name three rivers."    # a real HF checkpoint
+    python model.py --model runs/toy/seed0/iopo/final --prompt "Two sentences about rivers."  # after python iopo.py
+    python model.py --model ~/models/Qwen2-0.5B-Instruct --prompt "Name three rivers."      # a real HF checkpoint
 
 Papers: Llama (arXiv 2302.13971; RMSNorm, SwiGLU, rotary embeddings), GQA (arXiv 2305.13245), RoPE (arXiv
 2104.09864), Mistral sliding-window attention (arXiv 2310.06825).

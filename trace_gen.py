@@ -156,9 +156,8 @@ EVAL_C_COUNTS = [200, 100, 100, 100, 100, 100, 100, 100, 100, 10, 10, 10, 4, 4, 
 
 WORD_RE = re.compile(r"[A-Za-z0-9\u00c0-\u024f]+(?:'[A-Za-z]+)?")
 SENT_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-CONTRACTION_RE = re.compile(r"\b(?:[A-Za-z]+n't|(?:could|would|should|might|must)'ve|"
-                            r"(?:i|you|we|they|he|she|it|that|there|here|what|who|where|when|why|how|let)'(?:s|re|ve|ll|d|m))\b",
-                            re.I)
+CONTRACTION_RE = re.compile(r"\b(?:[A-Za-z]+n't|(?:could|would|should|might|must)'ve|(?:i|you|we|they|he|she|it|"
+                            r"that|there|here|what|who|where|when|why|how|let)'(?:s|re|ve|ll|d|m))\b", re.I)
 EXPANSIONS = {"don't": "do not", "doesn't": "does not", "isn't": "is not", "can't": "cannot", "won't": "will not",
               "it's": "it is", "that's": "that is", "you'll": "you will", "you're": "you are", "let's": "let us",
               "there's": "there is", "we're": "we are", "i'm": "I am", "aren't": "are not", "you've": "you have"}
