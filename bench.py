@@ -469,15 +469,17 @@ def packing_check(net, shape, device, bf16, n_instr=None):
     parts = []
     for method in ("dpo", "iopo"):
         examples = _synthetic_examples(method, n_instr or default_n, prompt, answer, net.config.vocab_size)
+        cfgs = {pack: iopo.TrainConfig(method=method, pack=pack) for pack in (False, True)}
+        batches = {pack: iopo.to_device(iopo.micro_batch(cfg, examples, 0, net.config.vocab_size), device)
+                   for pack, cfg in cfgs.items()}  # one plain and one packed batch; the packed one read two ways
         sums = {}
-        for pack in (False, "mask", "rows"):
-            cfg = iopo.TrainConfig(method=method, pack=bool(pack))
-            batch = iopo.to_device(iopo.micro_batch(cfg, examples, 0, net.config.vocab_size), device)
+        for how in (False, "mask", "rows"):
             with torch.no_grad(), autocast():
-                sums[pack] = iopo.reference_sums(cfg, iopo.Scorer(net, pack or "mask"), batch)  # (B, k)
+                sums[how] = iopo.reference_sums(cfgs[bool(how)], iopo.Scorer(net, how or "mask"),
+                                                batches[bool(how)])  # (B, k)
         scale = sums[False].abs().mean().item()
         parts.append(f"{method.upper()} mean |sum| {scale:.1f}, max |packed - unpacked| " + ", ".join(
-            f"{p} {(sums[p] - sums[False]).abs().max().item():.3g}" for p in ("mask", "rows")))
+            f"{how} {(sums[how] - sums[False]).abs().max().item():.3g}" for how in ("mask", "rows")))
     return "packed vs unpacked log-prob sums (forward): " + "; ".join(parts)
 
 

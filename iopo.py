@@ -1562,10 +1562,10 @@ def _add_dataclass_args(parser, cls, skip=()):
 def _parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
+    resume_note = textwrap.fill("--resume continues a run with the settings it saved; only these may differ: "
+                                + ", ".join("--" + k.replace("_", "-") for k in HOW_TO_RUN),
+                                width=78, break_on_hyphens=False)
     for method in SEQS_PER_EXAMPLE:
-        resume_note = textwrap.fill("--resume continues a run with the settings it saved; only these may differ: "
-                                    + ", ".join("--" + k.replace("_", "-") for k in HOW_TO_RUN),
-                                    width=78, break_on_hyphens=False)
         _add_dataclass_args(sub.add_parser(method, help=f"train with {method.upper()}", epilog=resume_note,
                                            formatter_class=argparse.RawDescriptionHelpFormatter),
                             TrainConfig, skip=("method",))
