@@ -1211,6 +1211,61 @@ def check_settings(cfg, resuming):
         raise ValueError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
 
 
+def stale_outputs(cfg, resume_dir, resume_step):
+    """[(path, why)] that this run removes from --out once its data has been read. A folder that holds an
+    earlier run (metrics.jsonl, checkpoint-N) is an error without --overwrite, since its checkpoints would
+    stay mixed with this run's; with it, they all go. --resume OUT --out OUT from an older checkpoint drops
+    the later checkpoints: they belong to the abandoned steps."""
+    out = Path(cfg.out)
+    if resume_dir is not None and out.resolve() == resume_dir.parent.resolve():
+        return [(old, f"it is later than step {resume_step}, where this run continues")
+                for old in checkpoints(out) if _step_of(old) > resume_step]
+    earlier = [p for p in [out / "metrics.jsonl", *checkpoints(out)] if p.exists()] if out.is_dir() else []
+    if earlier and not cfg.overwrite:
+        raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
+                         f"--resume {out}, or start over with --overwrite, or choose another --out")
+    return [(old, "--overwrite: the earlier run's metrics and checkpoints go") for old in earlier]
+
+
+def build_network(cfg, resume_dir, device, packed_attention):
+    """(model, lora, scorer, load_dtype). Full fine-tuning trains every weight (resuming: the checkpoint's);
+    LoRA freezes the starting weights and trains adapters (resuming: the checkpoint's adapters). The Scorer
+    wraps the model with the log-prob kernel, sharded under --fsdp."""
+    load_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and cfg.lora_rank else torch.float32
+    source = resume_dir if resume_dir is not None and not cfg.lora_rank else cfg.model
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
+    # Under FSDP the weights load on the CPU and reach the GPU block by block, as shards (place_scorer)
+    model = load_model(source, dtype=load_dtype, device="cpu" if cfg.fsdp else device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
+    if lora and resume_dir is not None:
+        load_adapters(resume_dir, model)
+    if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all;
+        for layer in model.model.layers:  # dynamic: batch widths change every step, and this compiles once
+            layer.compile(dynamic=True)
+    return model, lora, place_scorer(Scorer(model, packed_attention), cfg), load_dtype
+
+
+def start_log(out, cfg, start):
+    """Write the resolved config beside the run and make metrics.jsonl hold only the steps before `start`:
+    empty for a new run; a resumed one keeps the lines of the steps its checkpoint covers."""
+    write_json_atomic(out / "config.json", asdict(cfg))
+    log = out / "metrics.jsonl"
+    kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= start] \
+        if start and log.exists() else []
+    write_atomic(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
+
+def sft_denominator(batch, weight, world):
+    """SFT's loss divides by the scored tokens of the whole global micro-batch, counted over all processes,
+    so that every process's loss has the same scale; then by the number of processes, because DDP averages
+    their gradients. weight is this process's share of the micro-batch (0 for a process left without one)."""
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() * weight
+    if world > 1:
+        dist.all_reduce(n)
+    return n.clamp(min=1) / world
+
+
 def step_metrics(sums, grad_norm, n_tokens, world):
     """({metric: float} with "grad_norm", the step's token count): this process's sums of micro-batch metrics
     (device tensors), averaged over the processes, and their token counts added up, in one all-reduce and
@@ -1259,12 +1314,7 @@ def train(cfg, given=()):
                          + (" (the saved run used --fsdp; --no-fsdp resumes it in one process)"
                             if resume_dir is not None and "fsdp" not in given else ""))
     out = Path(cfg.out)
-    earlier = [out / "metrics.jsonl", *checkpoints(out)] if out.is_dir() else []
-    in_place = resume_dir is not None and out.resolve() == resume_dir.parent.resolve()  # --resume OUT --out OUT
-    start_over = not in_place and any(p.exists() for p in earlier)
-    if start_over and not cfg.overwrite:  # its checkpoints would stay, mixed with this run's files
-        raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
-                         f"--resume {out}, or start over with --overwrite, or choose another --out")
+    stale = stale_outputs(cfg, resume_dir, resume_step)  # removed once the data has been read
 
     # Data first: a bad file fails here, before any weights are loaded or anything is written.
     kind = cfg.method
@@ -1276,17 +1326,12 @@ def train(cfg, given=()):
         raise DataError(f"{cfg.data}: no usable {kind} examples")
     barrier()  # every process has looked at --out before rank 0 changes it
     if is_main():
-        if start_over:  # --overwrite: the earlier run's metrics and checkpoints go
-            for old in earlier:
-                if old.is_dir():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink(missing_ok=True)
-        elif in_place:  # continuing from an older checkpoint: the later ones belong to the abandoned steps
-            for old in checkpoints(out):
-                if _step_of(old) > resume_step:
-                    print(f"removing {old}: it is later than step {resume_step}, where this run continues")
-                    shutil.rmtree(old)
+        for old, why in stale:
+            print(f"removing {old}: {why}")
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
     barrier()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.model == "toy":
@@ -1302,22 +1347,8 @@ def train(cfg, given=()):
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
 
-    # The network: full fine-tuning trains every weight; LoRA freezes them and trains adapters.
-    bf16 = cfg.dtype == "bfloat16"
-    load_dtype = torch.bfloat16 if bf16 and cfg.lora_rank else torch.float32
-    source = resume_dir if resume_dir is not None and not cfg.lora_rank else cfg.model
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from it
-    # Under FSDP the weights load on the CPU and reach the GPU block by block, as shards (place_scorer)
-    model = load_model(source, dtype=load_dtype, device="cpu" if cfg.fsdp else device)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None
-    if lora and resume_dir is not None:
-        load_adapters(resume_dir, model)
-    if cfg.compile:  # block by block: every block has the same code, so one compiled graph serves them all;
-        for layer in model.model.layers:  # dynamic: batch widths change every step, and this compiles once
-            layer.compile(dynamic=True)
-    scorer = place_scorer(Scorer(model, packed_attention), cfg)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
+    model, lora, scorer, load_dtype = build_network(cfg, resume_dir, device, packed_attention)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16"
                 else contextlib.nullcontext)
 
     # Reference log-probs: once, before training, from the starting weights (cached on disk), or per step.
@@ -1341,13 +1372,7 @@ def train(cfg, given=()):
     # process, or FSDP, which sharded it in place)
     net = nn.parallel.DistributedDataParallel(scorer) if world > 1 and not cfg.fsdp else scorer
     if is_main():
-        write_json_atomic(out / "config.json", asdict(cfg))
-        if start == 0 and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-        elif start:  # keep the log of the steps the checkpoint covers, drop the ones after it
-            kept = [l for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l).get("step", 0) <= start] \
-                if (out / "metrics.jsonl").exists() else []
-            write_atomic(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+        start_log(out, cfg, start)
 
     def micro_batches():
         while True:
@@ -1393,12 +1418,7 @@ def train(cfg, given=()):
                     ref = reference_sums(cfg, ref_scorer, ref_batch)  # (B, k)
             else:
                 ref = None
-            n_total = None
-            if kind == "sft":  # normalise by the tokens of the whole global micro-batch, so ranks agree
-                n_total = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float() * weight
-                if world > 1:
-                    dist.all_reduce(n_total)
-                n_total = n_total.clamp(min=1) / world  # DDP averages gradients over the world
+            n_total = sft_denominator(batch, weight, world) if kind == "sft" else None
             sync = world == 1 or micro == cfg.grad_accum - 1
             if cfg.fsdp:  # reduce-scatter the gradients only after the last micro-batch
                 net.set_requires_gradient_sync(sync)
