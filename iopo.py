@@ -41,6 +41,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import textwrap
 import time
@@ -1497,6 +1498,7 @@ class ToyConfig:
     max_new_tokens: int = 96  # generation budget per evaluation answer
     ablations: bool = False  # also train IOPO without input / without output preference (Table 4)
     threads: int = 1  # torch CPU threads; a model this small runs fastest on one (0: torch's default)
+    summary: bool = False  # train nothing: summarise the seeds already under --out (mean, spread, paired gaps)
 
 
 def toy_reproduction(tc):
@@ -1561,6 +1563,32 @@ def toy_reproduction(tc):
     return reports
 
 
+def toy_summary(out):
+    """Markdown over every OUT/seed*/results.json: each method's mean ± standard deviation over the seeds,
+    then, paired by seed, how far IOPO is from SFT and DPO on IF-M and on how many seeds it is ahead. Seeds
+    share nothing but the code, so the spread says how much one seed's ordering can be trusted."""
+    files = [f for f in Path(out).glob("seed*/results.json") if f.parent.name[4:].isdigit()]
+    runs = {f.parent.name: json.loads(f.read_text()) for f in sorted(files, key=lambda f: int(f.parent.name[4:]))}
+    if not runs:
+        raise ValueError(f"{out}: no seed*/results.json (run `python iopo.py toy --seed S --out {out}` first)")
+    keys = ("IF-S", "IF-M", "CSR", "ISR", "PSR")
+    labels = list(dict.fromkeys(label for results in runs.values() for label in results))
+    spread = lambda xs: f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.1f}"  # noqa: E731
+    lines = [f"Seeds: {', '.join(name[4:] for name in runs)}; mean ± standard deviation over the seeds", "",
+             "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for label in labels:
+        have = [results[label] for results in runs.values() if label in results]
+        lines.append(f"| {label} | {len(have)} | " + " | ".join(spread([m[k] for m in have]) for k in keys) + " |")
+    lines.append("")
+    for base in ("SFT", "DPO"):
+        pairs = [(r["IOPO"]["IF-M"], r[base]["IF-M"]) for r in runs.values() if "IOPO" in r and base in r]
+        if pairs:
+            gaps = [a - b for a, b in pairs]
+            lines.append(f"IF-M, IOPO - {base} paired by seed: {spread(gaps)} points; IOPO ahead on "
+                         f"{sum(g > 0 for g in gaps)}, tied on {sum(g == 0 for g in gaps)} of {len(gaps)} seeds")
+    return "\n".join(lines) + "\n"
+
+
 def _add_dataclass_args(parser, cls, skip=()):
     """One --flag per dataclass field (--flag / --no-flag for booleans), its help taken from the field's
     trailing comment. No argparse defaults: parsing returns only the flags on the command line, and the
@@ -1598,7 +1626,9 @@ def main(argv=None):
     args = vars(_parser().parse_args(argv))  # only the flags on the command line
     command = args.pop("command")
     try:
-        if command == "toy":
+        if command == "toy" and args.get("summary"):
+            print(toy_summary(ToyConfig(**args).out), end="")
+        elif command == "toy":
             toy_reproduction(ToyConfig(**args))
         else:  # for --resume, the typed flags say how the saved run may continue
             print(f"final model: {train(TrainConfig(method=command, **args), set(args) | {'method'})}")

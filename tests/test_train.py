@@ -306,6 +306,28 @@ def test_toy_reproduction_end_to_end(tmp_path, capsys):
     assert len(iopo_rows) == 2 and "accuracy/input" in iopo_rows[0], iopo_rows
 
 
+def test_toy_summary_over_seeds(tmp_path, capsys):
+    """`toy --summary` averages the seeds' results.json (sample standard deviation) and pairs IOPO with SFT and
+    DPO seed by seed; numbers worked by hand. Folders that are not seed<N> are ignored."""
+    metrics = lambda v: {k: v for k in ("IF-S", "IF-M", "CSR", "ISR", "PSR")}  # noqa: E731
+    for seed, (sft, dpo, iopo_) in {0: (60, 50, 70), 1: (70, 80, 70), 2: (80, 60, 90)}.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(
+            {"SFT": metrics(sft), "DPO": metrics(dpo), "IOPO": metrics(iopo_)}))
+    (tmp_path / "seedling").mkdir()
+    (tmp_path / "seedling" / "results.json").write_text("not json")
+    iopo.main(["toy", "--summary", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Seeds: 0, 1, 2;" in out, out
+    assert "| SFT | 3 | 70.0 ± 10.0 |" in out and "| DPO | 3 | 63.3 ± 15.3 |" in out, out  # sd of 50, 80, 60
+    assert "| IOPO | 3 | 76.7 ± 11.5 |" in out, out
+    # IOPO - SFT: 10, 0, 10 -> 6.7 ± 5.8, ahead on 2, tied on 1; IOPO - DPO: 20, -10, 30 -> 13.3 ± 20.8
+    assert "IOPO - SFT paired by seed: 6.7 ± 5.8 points; IOPO ahead on 2, tied on 1 of 3 seeds" in out, out
+    assert "IOPO - DPO paired by seed: 13.3 ± 20.8 points; IOPO ahead on 2, tied on 0 of 3 seeds" in out, out
+    with pytest.raises(SystemExit, match="no seed\\*/results.json"):
+        iopo.main(["toy", "--summary", "--out", str(tmp_path / "empty")])
+
+
 def test_lora_layer_by_hand():
     """A LoRA layer computes x W^T + b + (alpha / r) x A^T B^T, and its merged weight is W + (alpha / r) B A."""
     torch.manual_seed(0)
