@@ -1565,8 +1565,9 @@ def toy_reproduction(tc):
 
 def toy_summary(out):
     """Markdown over every OUT/seed*/results.json: each method's mean ± standard deviation over the seeds,
-    then, paired by seed, how far IOPO is from SFT and DPO on IF-M and on how many seeds it is ahead. Seeds
-    share nothing but the code, so the spread says how much one seed's ordering can be trusted."""
+    then, paired by seed, how far IOPO is from each other method (SFT, DPO, the ablations) on IF-M and on how
+    many seeds it is ahead. Seeds share nothing but the code, so the spread says how much one seed's ordering
+    can be trusted."""
     files = [f for f in Path(out).glob("seed*/results.json") if f.parent.name[4:].isdigit()]
     runs = {f.parent.name: json.loads(f.read_text()) for f in sorted(files, key=lambda f: int(f.parent.name[4:]))}
     if not runs:
@@ -1580,7 +1581,7 @@ def toy_summary(out):
         have = [results[label] for results in runs.values() if label in results]
         lines.append(f"| {label} | {len(have)} | " + " | ".join(spread([m[k] for m in have]) for k in keys) + " |")
     lines.append("")
-    for base in ("SFT", "DPO"):
+    for base in [label for label in labels if label != "IOPO"]:
         pairs = [(r["IOPO"]["IF-M"], r[base]["IF-M"]) for r in runs.values() if "IOPO" in r and base in r]
         if pairs:
             gaps = [a - b for a, b in pairs]
