@@ -1248,12 +1248,16 @@ def build_network(cfg, resume_dir, device, packed_attention):
 
 
 def start_log(out, cfg, start):
-    """Write the resolved config beside the run and make metrics.jsonl hold only the steps before `start`:
-    empty for a new run; a resumed one keeps the lines of the steps its checkpoint covers."""
+    """Write the resolved config beside the run. A new run starts without metrics.jsonl (its first step creates
+    it, so a run that stops before then leaves no trace of an earlier run); a resumed one keeps the lines of
+    the steps its checkpoint covers and drops the later ones."""
     write_json_atomic(out / "config.json", asdict(cfg))
     log = out / "metrics.jsonl"
+    if not start:
+        log.unlink(missing_ok=True)
+        return
     kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= start] \
-        if start and log.exists() else []
+        if log.exists() else []
     write_atomic(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
@@ -1332,7 +1336,7 @@ def train(cfg, given=()):
             if old.is_dir():
                 shutil.rmtree(old)
             else:
-                old.unlink()
+                old.unlink(missing_ok=True)
     barrier()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.model == "toy":
@@ -1498,7 +1502,7 @@ class ToyConfig:
     max_new_tokens: int = 96  # generation budget per evaluation answer
     ablations: bool = False  # also train IOPO without input / without output preference (Table 4)
     threads: int = 1  # torch CPU threads; a model this small runs fastest on one (0: torch's default)
-    summary: bool = False  # train nothing: summarise the seeds already under --out (mean, spread, paired gaps)
+    summary: bool = False  # train nothing: summarise the seeds already under --out (reads only --out)
 
 
 def toy_reproduction(tc):
@@ -1568,14 +1572,26 @@ def toy_summary(out):
     then, paired by seed, how far IOPO is from each other method (SFT, DPO, the ablations) on IF-M and on how
     many seeds it is ahead. Seeds share nothing but the code, so the spread says how much one seed's ordering
     can be trusted."""
-    files = [f for f in Path(out).glob("seed*/results.json") if f.parent.name[4:].isdigit()]
-    runs = {f.parent.name: json.loads(f.read_text()) for f in sorted(files, key=lambda f: int(f.parent.name[4:]))}
+    keys = ("IF-S", "IF-M", "CSR", "ISR", "PSR")
+    runs = {}  # seed -> {method: {metric: value}}, in seed order; only folders named as toy_reproduction names them
+    for f in Path(out).glob("seed*/results.json"):
+        seed = f.parent.name[4:]
+        if not seed.isdigit() or f.parent.name != f"seed{int(seed)}":
+            continue
+        try:
+            results = json.loads(f.read_text(encoding="utf-8"))
+            if not all(set(keys) <= set(metrics) for metrics in results.values()):
+                raise ValueError(f"every method needs {', '.join(keys)}")
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ValueError(f"{f}: not a toy results.json ({e})") from None
+        runs[int(seed)] = results
+    runs = dict(sorted(runs.items()))
     if not runs:
         raise ValueError(f"{out}: no seed*/results.json (run `python iopo.py toy --seed S --out {out}` first)")
-    keys = ("IF-S", "IF-M", "CSR", "ISR", "PSR")
     labels = list(dict.fromkeys(label for results in runs.values() for label in results))
-    spread = lambda xs: f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.1f}"  # noqa: E731
-    lines = [f"Seeds: {', '.join(name[4:] for name in runs)}; mean ± standard deviation over the seeds", "",
+    # mean ± sample standard deviation; one value has no spread to show
+    spread = lambda xs: f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")  # noqa: E731
+    lines = [f"Seeds: {', '.join(map(str, runs))}; mean ± standard deviation over the seeds", "",
              "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label in labels:
         have = [results[label] for results in runs.values() if label in results]

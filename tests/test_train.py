@@ -228,6 +228,20 @@ def test_bad_data_leaves_no_out_folder(toy_dir, tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_metrics_log_at_the_start_of_a_run(tmp_path):
+    """A new run has no metrics.jsonl until its first step, so a run that fails before then can be started
+    again without --overwrite; a resumed run keeps the lines up to its checkpoint's step and drops the rest."""
+    cfg = iopo.TrainConfig(method="sft", data="d.jsonl", out=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in (1, 2, 3)))
+    iopo.start_log(tmp_path / "run", cfg, 2)
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["out"] == cfg.out
+    iopo.start_log(tmp_path / "run", cfg, 0)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert iopo.stale_outputs(cfg, None, 0) == [], "a folder whose run never logged a step holds no earlier run"
+
+
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
     """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
     --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
@@ -314,8 +328,9 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(
             {"SFT": metrics(sft), "DPO": metrics(dpo), "IOPO": metrics(iopo_)}))
-    (tmp_path / "seedling").mkdir()
-    (tmp_path / "seedling" / "results.json").write_text("not json")
+    for other in ("seedling", "seed01"):  # not folders that toy_reproduction writes
+        (tmp_path / other).mkdir()
+        (tmp_path / other / "results.json").write_text("not json")
     iopo.main(["toy", "--summary", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "Seeds: 0, 1, 2;" in out, out
@@ -326,6 +341,18 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     assert "IOPO - DPO paired by seed: 13.3 ± 20.8 points; IOPO ahead on 2, tied on 0 of 3 seeds" in out, out
     with pytest.raises(SystemExit, match="no seed\\*/results.json"):
         iopo.main(["toy", "--summary", "--out", str(tmp_path / "empty")])
+    (tmp_path / "one" / "seed4").mkdir(parents=True)
+    (tmp_path / "one" / "seed4" / "results.json").write_text(json.dumps({"SFT": metrics(60), "IOPO": metrics(70)}))
+    iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
+    out = capsys.readouterr().out  # one seed: no spread to show
+    assert "| SFT | 1 | 60.0 | 60.0 |" in out and "IOPO - SFT paired by seed: 10.0 points; IOPO ahead on 1" in out, out
+    (tmp_path / "one" / "seed5").mkdir()
+    (tmp_path / "one" / "seed5" / "results.json").write_text(json.dumps({"SFT": {"IF-S": 1.0}}))
+    with pytest.raises(SystemExit, match=r"seed5.results\.json: not a toy results.json \(every method needs IF-S"):
+        iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
+    (tmp_path / "one" / "seed5" / "results.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"seed5.results\.json: not a toy results.json"):
+        iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
 
 
 def test_lora_layer_by_hand():
