@@ -1563,7 +1563,8 @@ def toy_reproduction(tc):
     table = evaluation.compare_table(reports)
     evaluation.write_atomic(root / "results.md", table)
     write_json_atomic(root / "results.json", {r["label"]: r["metrics"] for r in reports})
-    print(f"\nSynthetic TRACE, {len(items)} evaluation items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}")
+    print(f"\nSynthetic TRACE, {len(items)} evaluation items, seed {tc.seed} ({time.time() - t0:.0f}s):\n\n{table}\n"
+          f"One seed's ordering is noisy: run more seeds, then `python iopo.py toy --summary --out {tc.out}`")
     return reports
 
 
