@@ -1225,7 +1225,7 @@ def stale_outputs(cfg, resume_dir, resume_step):
     if earlier and not cfg.overwrite:
         raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
                          f"--resume {out}, or start over with --overwrite, or choose another --out")
-    return [(old, "--overwrite: the earlier run's metrics and checkpoints go") for old in earlier]
+    return [(old, "--overwrite: it belongs to the earlier run") for old in earlier]
 
 
 def build_network(cfg, resume_dir, device, packed_attention):
@@ -1332,7 +1332,7 @@ def train(cfg, given=()):
     barrier()  # every process has looked at --out before rank 0 changes it
     if is_main():
         for old, why in stale:
-            print(f"removing {old}: {why}")
+            print(f"removing {old} ({why})")
             if old.is_dir():
                 shutil.rmtree(old)
             else:
