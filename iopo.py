@@ -1194,6 +1194,8 @@ def check_settings(cfg, resuming):
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
+    if cfg.variant != "full" and cfg.method != "iopo":
+        raise ValueError(f"--variant chooses among IOPO's losses: it applies to iopo, not {cfg.method}")
     if cfg.packed_attention not in ("mask", "rows", "auto"):
         raise ValueError(f"--packed-attention must be mask, rows or auto, got {cfg.packed_attention!r}")
     _require_at_least(cfg, batch_size=1, grad_accum=1, max_len=1, max_steps=0, save_every=0, keep_checkpoints=0,
@@ -1329,6 +1331,9 @@ def train(cfg, given=()):
         print(read_stats)
     if len(records) == 0:
         raise DataError(f"{cfg.data}: no usable {kind} examples")
+    if cfg.eval_size >= len(records):
+        raise ValueError(f"--eval-size {cfg.eval_size} would hold out all {len(records)} examples of {cfg.data}; "
+                         f"it must be smaller, to leave some to train on")
     barrier()  # every process has looked at --out before rank 0 changes it
     if is_main():
         for old, why in stale:

@@ -200,6 +200,8 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--eval-size", "4"], "--eval-every and --eval-size go together"),
     (["--eval-every", "2"], "--eval-every and --eval-size go together"),
     (["--warmup-ratio", "1.5"], r"--warmup-ratio must be in \[0, 1\], got 1.5"),
+    (["--variant", "three_seq"], "--variant chooses among IOPO's losses: it applies to iopo, not sft"),
+    (["--eval-size", "100000", "--eval-every", "1"], r"--eval-size 100000 would hold out all \d+ examples of"),
 ])
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
