@@ -1505,7 +1505,7 @@ class ToyConfig:
     pref_batch: int = 8  # instructions per DPO / IOPO step (IOPO: 4 sequences each, DPO: 2)
     beta: float = 0.1  # DPO / IOPO beta
     max_new_tokens: int = 96  # generation budget per evaluation answer
-    ablations: bool = False  # also train IOPO without input / without output preference (Table 4)
+    ablations: bool = False  # also IOPO without input / output preference (Table 4), and DPO on (x1, y1 > y2)
     threads: int = 1  # torch CPU threads; a model this small runs fastest on one (0: torch's default)
     summary: bool = False  # train nothing: summarise the seeds already under --out (reads only --out)
 
@@ -1532,6 +1532,10 @@ def toy_reproduction(tc):
     for kind in ("dpo", "iopo"):
         files[kind] = root / "data" / f"{kind}_first{n_pref}.jsonl"
         evaluation.write_jsonl(files[kind], data[kind][:n_pref])
+    if tc.ablations:  # DPO pairs from the quadruples' x1: IOPO's loser (y2) instead of a spoiled answer
+        files["dpo_y2"] = root / "data" / f"dpo_y2_first{n_pref}.jsonl"
+        evaluation.write_jsonl(files["dpo_y2"], [{"prompt": q["x1"], "chosen": q["y1"], "rejected": q["y2"]}
+                                                 for q in data["iopo"][:n_pref]])
     seen = data["stats"]["eval_prompts_in_training"]
     print(f"[{time.time() - t0:5.0f}s] data: {len(data['sft'])} training instructions, {len(data['eval'])} eval items "
           f"({seen['items']} of their prompts also occur in training, by constraint count {seen['by_constraints']}) "
@@ -1543,12 +1547,14 @@ def toy_reproduction(tc):
                             max_steps=tc.sft_steps, batch_size=tc.sft_batch, weight_decay=0.1, **common))
     print(f"[{time.time() - t0:5.0f}s] SFT done -> {sft}")
     runs = {"SFT": sft}
-    jobs = [("DPO", "dpo", "full"), ("IOPO", "iopo", "full")]
+    jobs = [("DPO", "dpo", "full", "dpo"), ("IOPO", "iopo", "full", "iopo")]  # (label, method, variant, data)
     if tc.ablations:
-        jobs += [("IOPO w/o input pref", "iopo", "no_input_pref"), ("IOPO w/o output pref", "iopo", "no_output_pref")]
-    for label, method, variant in jobs:
+        jobs += [("IOPO w/o input pref", "iopo", "no_input_pref", "iopo"),
+                 ("IOPO w/o output pref", "iopo", "no_output_pref", "iopo"),
+                 ("DPO with y2 as loser", "dpo", "full", "dpo_y2")]
+    for label, method, variant, kind in jobs:
         out = root / label.lower().replace(" ", "_").replace("/", "")
-        runs[label] = train(TrainConfig(method=method, model=str(sft), data=str(files[method]), out=str(out),
+        runs[label] = train(TrainConfig(method=method, model=str(sft), data=str(files[kind]), out=str(out),
                                         lr=tc.pref_lr, max_steps=tc.pref_steps, batch_size=tc.pref_batch,
                                         beta=tc.beta, variant=variant, **common))
         print(f"[{time.time() - t0:5.0f}s] {label} done -> {runs[label]}")
@@ -1575,9 +1581,8 @@ def toy_reproduction(tc):
 
 def toy_summary(out):
     """Markdown over every OUT/seed*/results.json: each method's mean ± standard deviation over the seeds,
-    then, paired by seed, how far IOPO is from each other method (SFT, DPO, the ablations) on IF-M and on how
-    many seeds it is ahead. Seeds share nothing but the code, so the spread says how much one seed's ordering
-    can be trusted."""
+    then every pair of methods compared seed by seed on IF-M. Each seed draws its own data, tokenizer and
+    model, which moves every method at once; the paired gaps take that shared part out."""
     keys = ("IF-S", "IF-M", "CSR", "ISR", "PSR")
     runs = {}  # seed -> {method: {metric: value}}, in seed order; only folders named as toy_reproduction names them
     for f in Path(out).glob("seed*/results.json"):
@@ -1602,13 +1607,17 @@ def toy_summary(out):
     for label in labels:
         have = [results[label] for results in runs.values() if label in results]
         lines.append(f"| {label} | {len(have)} | " + " | ".join(spread([m[k] for m in have]) for k in keys) + " |")
-    lines.append("")
-    for base in [label for label in labels if label != "IOPO"]:
-        pairs = [(r["IOPO"]["IF-M"], r[base]["IF-M"]) for r in runs.values() if "IOPO" in r and base in r]
-        if pairs:
-            gaps = [a - b for a, b in pairs]
-            lines.append(f"IF-M, IOPO - {base} paired by seed: {spread(gaps)} points; IOPO ahead on "
-                         f"{sum(g > 0 for g in gaps)}, tied on {sum(g == 0 for g in gaps)} of {len(gaps)} seeds")
+    lines += ["", "IF-M gaps paired by seed, row minus column: mean ± standard deviation over the seeds that ran "
+              "both (on how many the row is ahead : behind)", "",
+              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for row in labels:
+        cells = []
+        for col in labels:
+            gaps = [r[row]["IF-M"] - r[col]["IF-M"] for r in runs.values() if row in r and col in r]
+            ahead, behind = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
+            cells.append(f"{'+' if statistics.mean(gaps) > 0 else ''}{spread(gaps)} ({ahead}:{behind})"
+                         if row != col and gaps else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -306,25 +306,29 @@ def test_bad_data_fails_before_training(toy_dir, tmp_path):
 
 
 def test_toy_reproduction_end_to_end(tmp_path, capsys):
-    """`python iopo.py toy` at a tiny scale: data, tokenizer, SFT, DPO, IOPO and both ablations, scored and tabled."""
+    """`python iopo.py toy` at a tiny scale: data, tokenizer, SFT, DPO, IOPO and the ablations (DPO on the
+    quadruples' (x1, y1 > y2) among them), scored and tabled."""
     iopo.main(["toy", "--out", str(tmp_path), "--n-train", "40", "--n-eval", "10", "--vocab", "300",
                "--sft-steps", "3", "--sft-batch", "4", "--pref-steps", "2", "--pref-batch", "2",
                "--max-new-tokens", "8", "--ablations"])
     results = json.loads((tmp_path / "seed0" / "results.json").read_text())
-    labels = ["SFT", "DPO", "IOPO", "IOPO w/o input pref", "IOPO w/o output pref"]
+    labels = ["SFT", "DPO", "IOPO", "IOPO w/o input pref", "IOPO w/o output pref", "DPO with y2 as loser"]
     assert list(results) == labels, list(results)
     for label, metrics in results.items():
         assert set(metrics) >= {"IF-S", "IF-M", "CSR", "ISR", "PSR"}, (label, metrics)
         assert all(0.0 <= metrics[k] <= 100.0 for k in ("IF-S", "IF-M", "CSR", "ISR", "PSR")), (label, metrics)
     table = capsys.readouterr().out
     assert all(f"| {label} |" in table for label in labels), table
+    pairs = [json.loads(l) for l in (tmp_path / "seed0" / "data" / "dpo_y2_first4.jsonl").read_text().splitlines()]
+    quads = [json.loads(l) for l in (tmp_path / "seed0" / "data" / "iopo_first4.jsonl").read_text().splitlines()]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [(q["x1"], q["y1"], q["y2"]) for q in quads]
     iopo_rows = [json.loads(l) for l in (tmp_path / "seed0" / "iopo" / "metrics.jsonl").read_text().splitlines()]
     assert len(iopo_rows) == 2 and "accuracy/input" in iopo_rows[0], iopo_rows
 
 
 def test_toy_summary_over_seeds(tmp_path, capsys):
-    """`toy --summary` averages the seeds' results.json (sample standard deviation) and pairs IOPO with SFT and
-    DPO seed by seed; numbers worked by hand. Folders that are not seed<N> are ignored."""
+    """`toy --summary` averages the seeds' results.json (sample standard deviation) and compares every pair of
+    methods seed by seed; numbers worked by hand. Folders that are not seed<N> are ignored."""
     metrics = lambda v: {k: v for k in ("IF-S", "IF-M", "CSR", "ISR", "PSR")}  # noqa: E731
     for seed, (sft, dpo, iopo_) in {0: (60, 50, 70), 1: (70, 80, 70), 2: (80, 60, 90)}.items():
         (tmp_path / f"seed{seed}").mkdir()
@@ -338,16 +342,16 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     assert "Seeds: 0, 1, 2;" in out, out
     assert "| SFT | 3 | 70.0 ± 10.0 |" in out and "| DPO | 3 | 63.3 ± 15.3 |" in out, out  # sd of 50, 80, 60
     assert "| IOPO | 3 | 76.7 ± 11.5 |" in out, out
-    # IOPO - SFT: 10, 0, 10 -> 6.7 ± 5.8, ahead on 2, tied on 1; IOPO - DPO: 20, -10, 30 -> 13.3 ± 20.8
-    assert "IOPO - SFT paired by seed: 6.7 ± 5.8 points; IOPO ahead on 2, tied on 1 of 3 seeds" in out, out
-    assert "IOPO - DPO paired by seed: 13.3 ± 20.8 points; IOPO ahead on 2, tied on 0 of 3 seeds" in out, out
+    # IOPO - SFT: 10, 0, 10 -> 6.7 ± 5.8, ahead on 2, behind on 0; IOPO - DPO: 20, -10, 30 -> 13.3 ± 20.8, 2:1
+    assert "| IOPO | +6.7 ± 5.8 (2:0) | +13.3 ± 20.8 (2:1) |  |" in out, out
+    assert "| SFT |  | +6.7 ± 15.3 (2:1) | -6.7 ± 5.8 (0:2) |" in out, out  # SFT - DPO: 10, -10, 20
     with pytest.raises(SystemExit, match="no seed\\*/results.json"):
         iopo.main(["toy", "--summary", "--out", str(tmp_path / "empty")])
     (tmp_path / "one" / "seed4").mkdir(parents=True)
     (tmp_path / "one" / "seed4" / "results.json").write_text(json.dumps({"SFT": metrics(60), "IOPO": metrics(70)}))
     iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
     out = capsys.readouterr().out  # one seed: no spread to show
-    assert "| SFT | 1 | 60.0 | 60.0 |" in out and "IOPO - SFT paired by seed: 10.0 points; IOPO ahead on 1" in out, out
+    assert "| SFT | 1 | 60.0 | 60.0 |" in out and "| IOPO | +10.0 (1:0) |  |" in out, out
     (tmp_path / "one" / "seed5").mkdir()
     (tmp_path / "one" / "seed5" / "results.json").write_text(json.dumps({"SFT": {"IF-S": 1.0}}))
     with pytest.raises(SystemExit, match=r"seed5.results\.json: not a toy results.json \(every method needs IF-S"):
