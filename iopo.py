@@ -1194,7 +1194,7 @@ def check_settings(cfg, resuming):
         raise ValueError("--data is required: a training file in the method's format (see data.py)")
     if cfg.pack and cfg.method == "sft":
         raise ValueError("--pack shares a prompt between two answers: it applies to dpo and iopo, not sft")
-    if cfg.variant != "full" and cfg.method != "iopo":
+    if cfg.variant != "full" and cfg.method != "iopo" and not resuming:  # (older runs saved it unchecked)
         raise ValueError(f"--variant chooses among IOPO's losses: it applies to iopo, not {cfg.method}")
     if cfg.packed_attention not in ("mask", "rows", "auto"):
         raise ValueError(f"--packed-attention must be mask, rows or auto, got {cfg.packed_attention!r}")
@@ -1591,10 +1591,11 @@ def toy_summary(out):
             continue
         try:
             results = json.loads(f.read_text(encoding="utf-8"))
-            if not all(set(keys) <= set(metrics) for metrics in results.values()):
-                raise ValueError(f"every method needs {', '.join(keys)}")
-        except (ValueError, AttributeError, TypeError) as e:
-            raise ValueError(f"{f}: not a toy results.json ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"{f}: not JSON ({e})") from None
+        if not isinstance(results, dict) or not results or not all(
+                isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in keys) for m in results.values()):
+            raise ValueError(f"{f}: not a toy results.json ({{method: {{metric: number}}}} with {', '.join(keys)})")
         runs[int(seed)] = results
     runs = dict(sorted(runs.items()))
     if not runs:
@@ -1608,15 +1609,15 @@ def toy_summary(out):
         have = [results[label] for results in runs.values() if label in results]
         lines.append(f"| {label} | {len(have)} | " + " | ".join(spread([m[k] for m in have]) for k in keys) + " |")
     lines += ["", "IF-M gaps paired by seed, row minus column: mean ± standard deviation over the seeds that ran "
-              "both (on how many the row is ahead : behind)", "",
+              "both (on how many of them the row is ahead : behind)", "",
               "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for row in labels:
         cells = []
         for col in labels:
             gaps = [r[row]["IF-M"] - r[col]["IF-M"] for r in runs.values() if row in r and col in r]
             ahead, behind = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
-            cells.append(f"{'+' if statistics.mean(gaps) > 0 else ''}{spread(gaps)} ({ahead}:{behind})"
-                         if row != col and gaps else "")
+            sign = "+" if round(statistics.mean(gaps), 1) > 0 else ""
+            cells.append(f"{sign}{spread(gaps)} ({ahead}:{behind} of {len(gaps)})" if row != col and gaps else "")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

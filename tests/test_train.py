@@ -319,6 +319,8 @@ def test_toy_reproduction_end_to_end(tmp_path, capsys):
         assert all(0.0 <= metrics[k] <= 100.0 for k in ("IF-S", "IF-M", "CSR", "ISR", "PSR")), (label, metrics)
     table = capsys.readouterr().out
     assert all(f"| {label} |" in table for label in labels), table
+    trained_on = json.loads((tmp_path / "seed0" / "dpo_with_y2_as_loser" / "config.json").read_text())["data"]
+    assert trained_on.endswith("dpo_y2_first4.jsonl"), trained_on
     pairs = [json.loads(l) for l in (tmp_path / "seed0" / "data" / "dpo_y2_first4.jsonl").read_text().splitlines()]
     quads = [json.loads(l) for l in (tmp_path / "seed0" / "data" / "iopo_first4.jsonl").read_text().splitlines()]
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [(q["x1"], q["y1"], q["y2"]) for q in quads]
@@ -343,22 +345,22 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     assert "| SFT | 3 | 70.0 ± 10.0 |" in out and "| DPO | 3 | 63.3 ± 15.3 |" in out, out  # sd of 50, 80, 60
     assert "| IOPO | 3 | 76.7 ± 11.5 |" in out, out
     # IOPO - SFT: 10, 0, 10 -> 6.7 ± 5.8, ahead on 2, behind on 0; IOPO - DPO: 20, -10, 30 -> 13.3 ± 20.8, 2:1
-    assert "| IOPO | +6.7 ± 5.8 (2:0) | +13.3 ± 20.8 (2:1) |  |" in out, out
-    assert "| SFT |  | +6.7 ± 15.3 (2:1) | -6.7 ± 5.8 (0:2) |" in out, out  # SFT - DPO: 10, -10, 20
+    assert "| IOPO | +6.7 ± 5.8 (2:0 of 3) | +13.3 ± 20.8 (2:1 of 3) |  |" in out, out
+    assert "| SFT |  | +6.7 ± 15.3 (2:1 of 3) | -6.7 ± 5.8 (0:2 of 3) |" in out, out  # SFT - DPO: 10, -10, 20
     with pytest.raises(SystemExit, match="no seed\\*/results.json"):
         iopo.main(["toy", "--summary", "--out", str(tmp_path / "empty")])
     (tmp_path / "one" / "seed4").mkdir(parents=True)
     (tmp_path / "one" / "seed4" / "results.json").write_text(json.dumps({"SFT": metrics(60), "IOPO": metrics(70)}))
     iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
     out = capsys.readouterr().out  # one seed: no spread to show
-    assert "| SFT | 1 | 60.0 | 60.0 |" in out and "| IOPO | +10.0 (1:0) |  |" in out, out
+    assert "| SFT | 1 | 60.0 | 60.0 |" in out and "| IOPO | +10.0 (1:0 of 1) |  |" in out, out
     (tmp_path / "one" / "seed5").mkdir()
     (tmp_path / "one" / "seed5" / "results.json").write_text(json.dumps({"SFT": {"IF-S": 1.0}}))
-    with pytest.raises(SystemExit, match=r"seed5.results\.json: not a toy results.json \(every method needs IF-S"):
-        iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
-    (tmp_path / "one" / "seed5" / "results.json").write_text("{")
-    with pytest.raises(SystemExit, match=r"seed5.results\.json: not a toy results.json"):
-        iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
+    for bad, message in (("{", "not JSON"), ("{}", "not a toy results.json"), ('{"SFT": {"IF-S": 1.0}}', "not a toy"),
+                         (json.dumps({"SFT": {**metrics(1), "IF-M": "x"}}), "not a toy results.json")):
+        (tmp_path / "one" / "seed5" / "results.json").write_text(bad)
+        with pytest.raises(SystemExit, match=rf"seed5.results\.json: {message}"):
+            iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
 
 
 def test_lora_layer_by_hand():
