@@ -1615,9 +1615,11 @@ def toy_summary(out):
         cells = []
         for col in labels:
             gaps = [r[row]["IF-M"] - r[col]["IF-M"] for r in runs.values() if row in r and col in r]
-            ahead, behind = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
+            if row == col or not gaps:  # no seed ran both
+                cells.append("")
+                continue
             sign = "+" if round(statistics.mean(gaps), 1) > 0 else ""
-            cells.append(f"{sign}{spread(gaps)} ({ahead}:{behind} of {len(gaps)})" if row != col and gaps else "")
+            cells.append(f"{sign}{spread(gaps)} ({sum(g > 0 for g in gaps)}:{sum(g < 0 for g in gaps)} of {len(gaps)})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

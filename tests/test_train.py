@@ -354,6 +354,11 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
     out = capsys.readouterr().out  # one seed: no spread to show
     assert "| SFT | 1 | 60.0 | 60.0 |" in out and "| IOPO | +10.0 (1:0 of 1) |  |" in out, out
+    (tmp_path / "one" / "seed6").mkdir()  # a method that no other seed ran: no pair to compare
+    (tmp_path / "one" / "seed6" / "results.json").write_text(json.dumps({"DPO": metrics(50)}))
+    iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
+    out = capsys.readouterr().out
+    assert "| DPO | 1 | 50.0 |" in out and "| DPO |  |  |  |" in out, out
     (tmp_path / "one" / "seed5").mkdir()
     (tmp_path / "one" / "seed5" / "results.json").write_text(json.dumps({"SFT": {"IF-S": 1.0}}))
     for bad, message in (("{", "not JSON"), ("{}", "not a toy results.json"), ('{"SFT": {"IF-S": 1.0}}', "not a toy"),
