@@ -360,7 +360,6 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| DPO | 1 | 50.0 |" in out and "| DPO |  |  |  |" in out, out
     (tmp_path / "one" / "seed5").mkdir()
-    (tmp_path / "one" / "seed5" / "results.json").write_text(json.dumps({"SFT": {"IF-S": 1.0}}))
     for bad, message in (("{", "not JSON"), ("{}", "not a toy results.json"), ('{"SFT": {"IF-S": 1.0}}', "not a toy"),
                          (json.dumps({"SFT": {**metrics(1), "IF-M": "x"}}), "not a toy results.json")):
         (tmp_path / "one" / "seed5" / "results.json").write_text(bad)
