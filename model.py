@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,12 +415,23 @@ class PackedRows:
     [x, y_a] is a prefix of every packed row, so the first pass is the slice [:TA] (TA = a_index.shape[1],
     the longest [x, y_a]); [x, y_b] is gathered (b_index, (R, TB)), and its y_b outputs are written into the
     packed row (flat b_src -> b_dst). No mask is built; x's attention is computed twice, which is what an
-    unpacked batch computes too, while everything else in the block sees x once."""
+    unpacked batch computes too, while everything else in the block sees x once. A sliding window (Mistral)
+    applies to each pass as to an unpacked row; it needs a mask only in a pass longer than the window."""
     a_index: torch.Tensor  # (R, TA) 0..TA-1 per row: the positions of [x, y_a]. Only its shape is read: a
     # size that torch.compile can treat as dynamic, where a Python int would be specialised (a recompile per TA)
     b_index: torch.Tensor  # (R, TB) packed positions of [x, y_b], right-padded
     b_src: torch.Tensor  # (n,) row * TB + t of each y_b token in the gathered view
     b_dst: torch.Tensor  # (n,) row * T + t of the same token in the packed row
+    window: int | None = None  # this layer's sliding window; Transformer.forward sets it per layer
+
+
+def causal_pass(q, k, v, window):
+    """Causal attention over right-padded [x, y] rows, each query seeing at most `window` keys (None: all)."""
+    T = q.shape[2]
+    if window is None or T <= window:  # the window cannot bind: SDPA's causal kernel (flash on the GPU)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    band = attention_mask_for(torch.ones(1, T, dtype=torch.bool, device=q.device), 0, T, window)  # (1, 1, T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
 
 
 def packed_rows_attention(q, k, v, rows):
@@ -430,11 +442,11 @@ def packed_rows_attention(q, k, v, rows):
     # up to TA hold its y_b or padding: causality keeps [x, y_a] from seeing them, and their outputs are
     # replaced (y_b, by pass 2) or never read (padding). Outputs from TA on start as zeros.
     a = lambda t: t[:, :, :TA]
-    y = F.scaled_dot_product_attention(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), is_causal=True)
+    y = causal_pass(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), rows.window)
     y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
     gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
     # k and v are gathered before the GQA repeat: H / KV times fewer rows to copy
-    y_b = F.scaled_dot_product_attention(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), is_causal=True)
+    y_b = causal_pass(gather(q), repeat_kv(gather(k), n), repeat_kv(gather(v), n), rows.window)
     flat = y.transpose(1, 2).reshape(R * T, H * hd)
     flat_b = y_b.transpose(1, 2).reshape(-1, H * hd)
     flat = flat.index_copy(0, rows.b_dst, flat_b.index_select(0, rows.b_src))  # y_b's rows from the second pass
@@ -526,15 +538,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         """input_ids (B, T); attention_mask (B, T) with 1 for tokens, 0 for padding on either side, a
-        (B, 1, T, T) bool mask, True where query t may see key s, or PackedRows (both need position_ids, no
-        cache and no sliding window).
+        (B, 1, T, T) bool mask, True where query t may see key s, or PackedRows (both need position_ids and no
+        cache; a sliding window then counts positions, which restart after x in a packed row).
         Returns the final-norm hidden states (B, T, D); logits would be hidden @ self.lm_head.weight.T."""
         B, T = input_ids.shape
         packed = isinstance(attention_mask, PackedRows)
         full = packed or (attention_mask is not None and attention_mask.dim() == 4)
-        if full and (kv_cache is not None or position_ids is None or self.config.sliding_window is not None):
-            raise ValueError("a (B, 1, T, T) or PackedRows attention_mask needs position_ids, no kv_cache and no "
-                             "sliding window")
+        if full and (kv_cache is not None or position_ids is None):
+            raise ValueError("a (B, 1, T, T) or PackedRows attention_mask needs position_ids and no kv_cache")
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None or full
                 else attention_mask.to(torch.bool))
         past = 0
@@ -551,8 +562,16 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
         windows = [self.config.sliding_window if self.config.layer_uses_window(i) else None
                    for i in range(self.config.num_hidden_layers)]
-        if full:  # (no sliding window here, checked above)
-            masks = {None: attention_mask if packed else attention_mask.to(torch.bool)}
+        if full:  # per window size: PackedRows told its window, or the mask cut to keys within the window
+            masks = {}
+            for window in set(windows):
+                if packed:
+                    masks[window] = dataclasses.replace(attention_mask, window=window)
+                elif window is None:
+                    masks[window] = attention_mask.to(torch.bool)
+                else:  # by positions, so a packed row's y_b measures its distance to x as its unpacked row does
+                    near = position_ids[:, None, None, :] > position_ids[:, None, :, None] - window  # (B, 1, T, T)
+                    masks[window] = attention_mask.to(torch.bool) & near
         else:
             # Reading the mask waits for the GPU, so only when there is one to read (a training step passes none)
             padded = (attention_mask is not None or kv_cache is not None) and not bool(mask.all())

@@ -330,6 +330,28 @@ def test_packed_logprobs_equal_unpacked_float64(encoded, kind, layout):
     assert worst < 1e-10, f"{kind}: packed vs unpacked log-probs differ by {worst} (float64); {order} vs {plain}"
 
 
+@pytest.mark.parametrize("layout", ["rows", "mask"])
+def test_packed_logprobs_equal_unpacked_under_a_sliding_window(encoded, layout):
+    """Under a 12-position sliding window (in every layer, as Mistral; from layer 1 on, as Qwen2) packed IOPO rows
+    still give each answer its unpacked log-prob in float64: the window counts positions, which restart after x."""
+    _, tok, data, base = encoded
+    examples = [data["iopo"][i] for i in range(6)]
+    plain_batch = COLLATORS["iopo"](examples, tok.pad_token_id)
+    batch = collate_packed(examples, "iopo", tok.pad_token_id)
+    assert min(batch["a_index"].shape[1], batch["b_index"].shape[1]) > 12, "both passes should be longer than the window"
+    for max_window_layers in (0, 1):
+        net = M.load_model(base, dtype=torch.float64)
+        no_window = _sums64(net, plain_batch)[0]
+        net.config.sliding_window, net.config.max_window_layers = 12, max_window_layers
+        plain = _sums64(net, plain_batch)[0]  # (4B,) unpacked, windowed through the padding mask
+        moved = (plain - no_window).abs().max().item()
+        assert moved > 1e-3, f"the window should change the log-probs of these longer rows; it moved them by {moved}"
+        packed = _sums64(net, batch, layout)  # (2, 2B)
+        order = torch.cat([packed[0, :6], packed[1, :6], packed[0, 6:], packed[1, 6:]])
+        worst = (order - plain).abs().max().item()
+        assert worst < 1e-10, f"window from layer {max_window_layers}: packed vs unpacked differ by {worst}"
+
+
 @pytest.mark.parametrize("packed_attention", ["mask", "rows"])
 @pytest.mark.parametrize("kind,variant", [("dpo", "full"), ("iopo", "full"), ("iopo", "three_seq")])
 def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
