@@ -502,6 +502,7 @@ def train_cpu_worker(shape, method, pack, lora, warmup, steps, threads):
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     net = _build_train_model(shape, device, lora, grad_checkpointing=False, bf16=False)
+    _reset_peak_rss()  # the baseline is the built model, not a transient of building it
     baseline = _peak_rss_bytes()
     out = train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16=False)
     out["rate"] = _matmul_rate(device, torch.float32, 1024)  # with this process's threads
