@@ -286,6 +286,7 @@ def bench_generate(args):
 #
 # Model FLOPs per step (what MFU counts; recomputation under gradient checkpointing is not counted):
 #   body   (6 full fine-tuning, 4 LoRA: no weight gradients) x body matmul parameters x tokens in the rows
+#          (LoRA's adapters are not counted: 6 r (in + out) per token and layer, under 3% here)
 #   head   (6 or 4) x V x D x scored tokens (the kernel computes logits only where a label is scored)
 #   attn   3 (forward + backward) x 4 (H hd) x the (query, key) pairs that causal attention needs, per layer:
 #          QK^T and AV. A row of n tokens (padding not counted) needs n^2 / 2; a packed row [x, y_a, y_b] needs
