@@ -286,8 +286,12 @@ def bench_generate(args):
 #
 # Model FLOPs per step (what MFU counts; recomputation under gradient checkpointing is not counted):
 #   body   (6 full fine-tuning, 4 LoRA: no weight gradients) x body matmul parameters x tokens in the rows
+#          (LoRA's adapters are not counted: 6 r (in + out) per token and layer, under 3% here)
 #   head   (6 or 4) x V x D x scored tokens (the kernel computes logits only where a label is scored)
-#   attn   3 (forward + backward) x 4 T^2 (H hd) / 2 per row and layer: QK^T and AV, the causal half
+#   attn   3 (forward + backward) x 4 (H hd) x the (query, key) pairs that causal attention needs, per layer:
+#          QK^T and AV. A row of n tokens (padding not counted) needs n^2 / 2; a packed row [x, y_a, y_b] needs
+#          [x, y_a]'s causal half plus y_b against x and itself, never y_b against y_a (what the mask and the
+#          two passes of `rows` actually compute is more: implementation work, not counted)
 # MFU = model FLOPs per second / the matmul rate measured in the same run (bf16 on CUDA, float32 on CPU).
 # CPU: each configuration runs in a fresh process, memory is its peak RSS above the built model (VmHWM), and
 # times are the process's CPU seconds with one thread, which other jobs on a shared machine disturb far less
@@ -357,9 +361,18 @@ def _model_flops(config, batch, lora):
     k = 4 if lora else 6
     tokens = int(batch["attention_mask"].sum())
     scored = len(batch["scored_index"])  # iopo.scored_positions: every scored label, y_a and y_b alike
-    T = batch["input_ids"].shape[1]
-    attention = 3 * 4 * T * T * c.num_attention_heads * hd / 2 * c.num_hidden_layers * batch["input_ids"].shape[0]
+    attention = 3 * 4 * _attention_pairs(batch) * c.num_attention_heads * hd * c.num_hidden_layers
     return k * body * tokens + k * c.vocab_size * c.hidden_size * scored + attention, tokens
+
+
+def _attention_pairs(batch):
+    """(query, key) pairs per head and layer that causal attention needs for `batch` (see the banner)."""
+    from data import ANSWER_A, ANSWER_B, PROMPT
+    if "segment_ids" in batch:  # packed rows [x, y_a, y_b]: y_b sees x and its own past, not y_a
+        x, a, b = ((batch["segment_ids"] == s).sum(1).double() for s in (PROMPT, ANSWER_A, ANSWER_B))
+        return float(((x + a) ** 2 / 2 + b * x + b ** 2 / 2).sum())
+    n = batch["attention_mask"].sum(1).double()  # right-padded rows: the real tokens of each
+    return float((n ** 2 / 2).sum())
 
 
 def _build_train_model(shape, device, lora, grad_checkpointing, bf16, compile=False):
@@ -490,6 +503,7 @@ def train_cpu_worker(shape, method, pack, lora, warmup, steps, threads):
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     net = _build_train_model(shape, device, lora, grad_checkpointing=False, bf16=False)
+    _reset_peak_rss()  # the baseline is the built model, not a transient of building it
     baseline = _peak_rss_bytes()
     out = train_step_run(net, shape, method, pack, lora, device, warmup, steps, bf16=False)
     out["rate"] = _matmul_rate(device, torch.float32, 1024)  # with this process's threads
