@@ -22,6 +22,7 @@ What we simplify or leave out:
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -29,7 +30,6 @@ import os
 import re
 import shutil
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
