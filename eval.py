@@ -23,9 +23,9 @@ What we simplify or leave out:
 3. Two IFEval prompts ask for the frequency of "#" / "!" in `letter_frequency`; the official code swaps in a
    random letter there, so its verdict is random; we give the verdict it reaches for most letters.
 
-Reading order: the first ~370 lines are the text tools IFEval needs (language identification, sentence
-splitting, word tokens) and can be skipped on a first reading; the scoring starts at "IFEval: the 25
-instruction types", then TRACE and CFBench's metrics, generation, and the command line.
+Reading order: after the file helpers, about 370 lines of text tools that IFEval needs (language
+identification, sentence splitting, word tokens) can be skipped on a first reading; the scoring starts at
+"IFEval: the 25 instruction types", then TRACE and CFBench's metrics, generation, and the command line.
 """
 
 import argparse
