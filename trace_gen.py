@@ -1896,8 +1896,15 @@ def read_jsonl(path):
         raise IsADirectoryError(f"{path} is a folder, expected a JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark, as some editors write (data.py too)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} at byte "
+                                 f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

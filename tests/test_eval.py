@@ -448,6 +448,18 @@ def test_cli_bad_inputs(tmp_path):
                 "--out", str(tmp_path / "o")])
 
 
+def test_read_jsonl_bad_utf8_names_the_line_and_a_bom_is_read(tmp_path):
+    """Invalid UTF-8 is an error naming file:line (not a bare codec error); a leading byte order mark is skipped."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": "0"}\n\n{"id": "\xff"}\n')
+    with pytest.raises(SystemExit) as info:
+        E.read_jsonl(bad)
+    assert f"{bad}:3 is not valid UTF-8 (byte 0xff" in str(info.value), str(info.value)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"id": "0"}\r\n{"id": "1"}\r\n')
+    assert E.read_jsonl(bom) == [{"id": "0"}, {"id": "1"}], E.read_jsonl(bom)
+
+
 def test_ifeval_answers_get_lm_evals_token_budget():
     """IFEval's default budget is lm-eval's 1,280 tokens (prompts ask for 600+ words); TRACE keeps 512."""
     parse = E.build_parser().parse_args
