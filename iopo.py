@@ -58,8 +58,8 @@ from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
                   collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
-from model import (PRESETS, PackedRows, Transformer, load_model, load_tokenizer, save_model, toy_config, write_atomic,
-                   write_json_atomic)
+from model import (PRESETS, PackedRows, Transformer, load_model, load_tokenizer, read_json, save_model, toy_config,
+                   write_atomic, write_json_atomic)
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
     import triton
@@ -923,12 +923,44 @@ def load_adapters(path, model):
                          f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' in k][:3]})")
 
 
+# What a resume reads from trainer_state.json, and the JSON type of each
+TRAINER_STATE_KEYS = {"step": (int, "an integer"), "sampler": (dict, "an object"), "param_groups": (list, "a list"),
+                      "python_rng": (list, "a list"), "config": (dict, "an object")}
+
+
+def read_trainer_state(checkpoint):
+    """A checkpoint's trainer_state.json, with the keys a resume reads. The folder is renamed into place only
+    once complete, so a damaged file was changed afterwards (by hand, a disk fault): an error names it."""
+    file = Path(checkpoint) / "trainer_state.json"
+    state = read_json(file)
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    for key, (kind, what) in TRAINER_STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{file}: {key!r} should be {what}, got {state.get(key)!r:.80}")
+    return state
+
+
+def read_trainer_tensors(checkpoint):
+    """The optimizer moments and generator states of a checkpoint (trainer_state.safetensors)."""
+    file = Path(checkpoint) / "trainer_state.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: file not found")
+    try:
+        with safe_open(file, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    if "rng.torch" not in tensors:
+        raise ValueError(f"{file}: missing tensor 'rng.torch' (the generator state every checkpoint saves)")
+    return tensors
+
+
 def load_trainer_state(path, optimizer, sampler, rank=0, device=None):
     """Restore optimizer, data position and generators from a checkpoint; returns its step."""
     path = Path(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    with safe_open(path / "trainer_state.safetensors", framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = read_trainer_state(path)
+    tensors = read_trainer_tensors(path)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's ids, in order
     opt_state = {}
     for key, t in tensors.items():
@@ -1165,7 +1197,7 @@ def resolve_resume(cfg, given=()):
     if not cfg.resume:
         return cfg, None, 0
     resume_dir = latest_checkpoint(cfg.resume)
-    state = json.loads((resume_dir / "trainer_state.json").read_text())
+    state = read_trainer_state(resume_dir)
     saved = state["config"]
     # the saved config is resolved (--model toy is the built model, --lr 0 the method's default): so is this
     typed = {k: getattr(cfg, k) for k in given}

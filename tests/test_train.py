@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import iopo
 import model as M
@@ -242,6 +243,26 @@ def test_metrics_log_at_the_start_of_a_run(tmp_path):
     iopo.start_log(tmp_path / "run", cfg, 0)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert iopo.stale_outputs(cfg, None, 0) == [], "a folder whose run never logged a step holds no earlier run"
+
+
+def test_damaged_trainer_state_is_an_error_naming_the_file(tmp_path):
+    """A resume stops on a damaged trainer_state.json or .safetensors with the file's name, not a traceback."""
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    state = ckpt / "trainer_state.json"
+    for text, message in (('{"step": 1, "sampl', "not valid JSON"), ("[1, 2]", "expected a JSON object, got list"),
+                          ('{"step": 1}', "'sampler' should be an object, got None")):
+        state.write_text(text)
+        with pytest.raises(ValueError) as info:
+            iopo.read_trainer_state(ckpt)
+        assert str(info.value).startswith(f"{state}: {message}"), str(info.value)
+    tensors = ckpt / "trainer_state.safetensors"
+    save_file({"rng.torch": torch.get_rng_state(), "state.0.exp_avg": torch.zeros(64)}, tensors)
+    assert set(iopo.read_trainer_tensors(ckpt)) == {"rng.torch", "state.0.exp_avg"}
+    tensors.write_bytes(tensors.read_bytes()[:200])  # cut short
+    with pytest.raises(ValueError) as info:
+        iopo.read_trainer_tensors(ckpt)
+    assert str(info.value).startswith(f"{tensors}: not a readable safetensors file"), str(info.value)
 
 
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
