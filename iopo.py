@@ -1113,6 +1113,23 @@ def starting_weights(cfg, load_dtype, device, packed_attention):
     return place_scorer(Scorer(net, packed_attention), cfg, frozen=True)
 
 
+def usable_cache(cache, n, k):
+    """Whether `cache` holds an (n, k) table of finite reference log-probs. A file that does not (cut short, edited,
+    damaged on disk) is reported and computed again: it is only a cache, and its numbers cannot be trusted."""
+    if not cache.is_file():
+        return False
+    try:
+        with safe_open(cache, framework="pt") as f:
+            table = f.get_tensor("ref_logps")
+        why = (f"holds a table of shape {list(table.shape)}, expected [{n}, {k}]" if table.shape != (n, k)
+               else "holds non-finite log-probs" if not torch.isfinite(table).all() else None)
+    except Exception as e:  # safetensors raises its own error type for a bad header or a missing tensor
+        why = f"cannot be read ({e})"
+    if why:
+        print(f"warning: reference cache {cache} {why}; computing it again")
+    return why is None
+
+
 def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype, device, autocast):
     """(ref_all, ref_scorer): the cached (N, k) reference log-probs of every example, or (with
     --ref-on-the-fly) the network that computes them at each step; the other one is None."""
@@ -1131,7 +1148,7 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
     if is_main():
         try:
             key = reference_cache_key(cfg, cfg.model)
-            answer = key + str(int(cache_of(key).is_file()))
+            answer = key + str(int(usable_cache(cache_of(key), len(dataset), SEQS_PER_EXAMPLE[cfg.method])))
         except Exception as e:
             error = e
     if dist.is_initialized():

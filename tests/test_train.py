@@ -265,6 +265,26 @@ def test_damaged_trainer_state_is_an_error_naming_the_file(tmp_path):
     assert str(info.value).startswith(f"{tensors}: not a readable safetensors file"), str(info.value)
 
 
+def test_damaged_reference_cache_is_computed_again(tmp_path, capsys):
+    """A reference cache that is cut short, misses its tensor, has the wrong shape or holds NaN is reported and
+    recomputed (usable_cache says no), instead of a safetensors traceback or a run that stops at a NaN loss."""
+    cache = tmp_path / "dpo-key.safetensors"
+    assert not iopo.usable_cache(cache, 4, 2), "no file: nothing to use"
+    save_file({"ref_logps": torch.full((4, 2), -3.0)}, cache)
+    assert iopo.usable_cache(cache, 4, 2) and capsys.readouterr().out == ""
+    good = cache.read_bytes()
+    damaged = {"cut short": good[:40], "no tensor": None, "shape": {"ref_logps": torch.zeros(3, 2)},
+               "nan": {"ref_logps": torch.full((4, 2), float("nan"))}}
+    for what, content in damaged.items():
+        if isinstance(content, bytes):
+            cache.write_bytes(content)
+        else:
+            save_file(content or {"other": torch.zeros(1)}, cache)
+        assert not iopo.usable_cache(cache, 4, 2), f"{what}: accepted"
+        out = capsys.readouterr().out
+        assert out.startswith(f"warning: reference cache {cache} ") and "computing it again" in out, (what, out)
+
+
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
     """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
     --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
