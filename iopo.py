@@ -58,8 +58,8 @@ from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
                   collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
-from model import (PRESETS, PackedRows, Transformer, load_model, load_tokenizer, read_json, save_model, toy_config,
-                   write_atomic, write_json_atomic)
+from model import (INDEX_NAME, PRESETS, WEIGHTS_NAME, PackedRows, Transformer, load_model, load_tokenizer, read_json,
+                   save_model, toy_config, write_atomic, write_json_atomic)
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
     import triton
@@ -1269,13 +1269,21 @@ def stale_outputs(cfg, resume_dir, resume_step):
     stay mixed with this run's; with it, they all go. --resume OUT --out OUT from an older checkpoint drops
     the later checkpoints: they belong to the abandoned steps."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, expected a folder")
+    # a model folder (--out mistyped, or the same as --model): the run's config.json would replace the model's
+    if (out / WEIGHTS_NAME).is_file() or (out / INDEX_NAME).is_file():
+        raise ValueError(f"--out {out} holds a model ({WEIGHTS_NAME} or {INDEX_NAME}), whose config.json this run "
+                         f"would overwrite; choose another --out")
     if resume_dir is not None and out.resolve() == resume_dir.parent.resolve():
         return [(old, f"it is later than step {resume_step}, where this run continues")
                 for old in checkpoints(out) if _step_of(old) > resume_step]
-    earlier = [p for p in [out / "metrics.jsonl", *checkpoints(out)] if p.exists()] if out.is_dir() else []
+    marks = [out / "metrics.jsonl", out / "final", *checkpoints(out)] if out.is_dir() else []
+    earlier = [p for p in marks if p.exists()]
     if earlier and not cfg.overwrite:
-        raise ValueError(f"--out {out} holds an earlier run (metrics.jsonl or checkpoint-N): continue it with "
-                         f"--resume {out}, or start over with --overwrite, or choose another --out")
+        resume = f"continue it with --resume {out}, or " if checkpoints(out) else ""
+        raise ValueError(f"--out {out} holds an earlier run ({', '.join(p.name for p in earlier)}): {resume}start "
+                         f"over with --overwrite, or choose another --out")
     return [(old, "--overwrite: it belongs to the earlier run") for old in earlier]
 
 

@@ -285,6 +285,27 @@ def test_damaged_reference_cache_is_computed_again(tmp_path, capsys):
         assert out.startswith(f"warning: reference cache {cache} ") and "computing it again" in out, (what, out)
 
 
+def test_out_holding_a_model_or_a_final_model_is_refused_untouched(tmp_path):
+    """--out that is a model folder (say the same as --model) or holds an earlier run's final/ is refused, even a
+    model with --overwrite (the run would replace its config.json); --out that is a file is named as one."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    for overwrite in (False, True):
+        cfg = iopo.TrainConfig(method="sft", data="d.jsonl", out=str(model_dir), overwrite=overwrite)
+        with pytest.raises(ValueError, match="holds a model .* whose config.json this run would overwrite"):
+            iopo.stale_outputs(cfg, None, 0)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    with pytest.raises(ValueError) as info:
+        iopo.stale_outputs(iopo.TrainConfig(method="sft", data="d.jsonl", out=str(tmp_path / "run")), None, 0)
+    assert "holds an earlier run (final): start over with --overwrite" in str(info.value), str(info.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, expected a folder"):
+        iopo.stale_outputs(iopo.TrainConfig(method="sft", data="d.jsonl", out=str(tmp_path / "file")), None, 0)
+    assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}', "the model folder was changed"
+
+
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
     """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
     --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
