@@ -1315,8 +1315,18 @@ def start_log(out, cfg, start):
     if not start:
         log.unlink(missing_ok=True)
         return
-    kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= start] \
-        if log.exists() else []
+    lines = log.read_text().splitlines() if log.exists() else []
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # a last line cut short by a kill during its append: a step after the checkpoint
+                break
+            raise ValueError(f"{log}:{n}: not valid JSON; the log of a resumed run is kept up to its checkpoint, "
+                             f"so it must be readable (fix or remove that line)") from None
+        if row.get("step", 0) <= start:
+            kept.append(line)
     write_atomic(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 

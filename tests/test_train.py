@@ -306,6 +306,21 @@ def test_out_holding_a_model_or_a_final_model_is_refused_untouched(tmp_path):
     assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}', "the model folder was changed"
 
 
+def test_resume_drops_a_torn_last_metrics_line(tmp_path):
+    """A metrics.jsonl whose last line was cut short (the run killed mid-append) resumes, dropping it; a broken
+    line before the end is an error naming file:line, not a bare JSON message."""
+    cfg = iopo.TrainConfig(method="sft", data="d.jsonl", out=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    iopo.start_log(tmp_path / "run", cfg, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n', log.read_text()
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError) as info:
+        iopo.start_log(tmp_path / "run", cfg, 2)
+    assert str(info.value).startswith(f"{log}:2: not valid JSON"), str(info.value)
+
+
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
     """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
     --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
