@@ -816,6 +816,10 @@ def trace_markdown(report):
 def item_messages(item):
     """Chat messages of an item: TRACE items carry 'messages' (system + user), IFEval inputs only a 'prompt'."""
     if isinstance(item.get("messages"), list) and item["messages"]:
+        for i, m in enumerate(item["messages"]):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"'messages'[{i}] should be an object with a string 'role' and 'content', "
+                                 f"got {m!r:.80}")
         return item["messages"]
     if isinstance(item.get("prompt"), str):
         return [{"role": "user", "content": item["prompt"]}]
@@ -963,6 +967,11 @@ def cmd_trace(args):
     generation = None
     if args.model:
         _judge_or_exit(args.data, numbered, ["x"] * len(items))  # every spec checked before the slow generation
+        for lineno, item in numbered:  # and every prompt, before the model loads
+            try:
+                item_messages(item)
+            except ValueError as e:
+                raise SystemExit(f"error: {args.data}:{lineno}: {e}") from None
         answers, generation = _generate(args, items)
         responses = {item_key(item, n): a for n, (item, a) in enumerate(zip(items, answers))}
         # kept at once: generation is the slow part, and --responses can score them again

@@ -875,7 +875,7 @@ class Tokenizer:
         if not messages:
             raise ValueError("render_chat needs at least one message")
         for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
             if m["role"] not in ("system", "user", "assistant"):  # templates render tool turns their own way
                 raise ValueError(f"message {i} has role {m['role']!r}; only system, user and assistant turns are "

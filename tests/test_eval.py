@@ -460,6 +460,19 @@ def test_read_jsonl_bad_utf8_names_the_line_and_a_bom_is_read(tmp_path):
     assert E.read_jsonl(bom) == [{"id": "0"}, {"id": "1"}], E.read_jsonl(bom)
 
 
+def test_trace_with_model_checks_every_prompt_before_loading_it(tmp_path):
+    """--model: a malformed 'messages' list stops at file:line before the model loads (was an AttributeError)."""
+    item = {"id": "0", "messages": [{"role": "user", "content": "Say hi in quotes."}],
+            "checks": [{"dimension": "Output Format", "type": "Format", "family": "quotes_wrap", "params": {}}]}
+    for messages, message in (([["user", "hi"]], r"'messages'\[0\] should be an object"),
+                              ([{"role": "user"}], r"'messages'\[0\] should be an object .* got \{'role': 'user'\}")):
+        data = tmp_path / "items.jsonl"
+        data.write_text(json.dumps(item) + "\n" + json.dumps({**item, "id": "other", "messages": messages}) + "\n")
+        with pytest.raises(SystemExit, match=f"error: {data}:2: {message}"):
+            E.main(["trace", "--data", str(data), "--model", str(tmp_path / "never_loaded"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 def test_ifeval_answers_get_lm_evals_token_budget():
     """IFEval's default budget is lm-eval's 1,280 tokens (prompts ask for 600+ words); TRACE keeps 512."""
     parse = E.build_parser().parse_args
