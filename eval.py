@@ -1083,8 +1083,19 @@ def cmd_compare(args):
             report = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SystemExit(f"error: {path} is not valid JSON ({e.msg})")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: {path} is not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})")
         if not isinstance(report, dict) or "metrics" not in report:
             raise SystemExit(f"error: {path} is not a report written by eval.py (no 'metrics')")
+        # a hand-edited report would otherwise fail deep in the table code with a TypeError
+        metrics, source = report["metrics"], report.get("source")
+        if not isinstance(metrics, dict) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in metrics.values()):
+            raise SystemExit(f"error: {path}: 'metrics' should map names to percentages (or null), "
+                             f"got {metrics!r:.120}")
+        if source is not None and not isinstance(source, dict):
+            raise SystemExit(f"error: {path}: 'source' should be an object ({{\"model\": ...}} or "
+                             f"{{\"responses\": ...}}), got {source!r:.80}")
         # two runs of one benchmark under one label (say two responses.jsonl) would silently share a row
         key = (str(report.get("label", "?")), str(report.get("benchmark", "")))
         if key in seen:

@@ -473,6 +473,24 @@ def test_trace_with_model_checks_every_prompt_before_loading_it(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_compare_names_a_malformed_report(tmp_path):
+    """compare: a report.json whose metrics or source have the wrong type, or that is not UTF-8, is an error
+    naming the file (these were TypeError / AttributeError tracebacks)."""
+    good = {"benchmark": "trace", "label": "a", "metrics": {"IF-S": 50.0, "IF-M": None}, "source": {"model": "m"}}
+    cases = {"list": ({**good, "metrics": [1, 2]}, "'metrics' should map names to percentages"),
+             "text": ({**good, "metrics": {"IF-S": "high"}}, "'metrics' should map names to percentages"),
+             "source": ({**good, "source": "m"}, "'source' should be an object")}
+    for name, (report, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        with pytest.raises(SystemExit) as info:
+            E.main(["compare", str(tmp_path / name)])
+        assert str(info.value).startswith(f"error: {tmp_path / name / 'report.json'}: {message}"), str(info.value)
+    (tmp_path / "bytes.json").write_bytes(b'{"metrics": "\xff"}')
+    with pytest.raises(SystemExit, match="bytes.json is not valid UTF-8"):
+        E.main(["compare", str(tmp_path / "bytes.json")])
+
+
 def test_ifeval_answers_get_lm_evals_token_budget():
     """IFEval's default budget is lm-eval's 1,280 tokens (prompts ask for 600+ words); TRACE keeps 512."""
     parse = E.build_parser().parse_args
