@@ -608,6 +608,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def model_folder(path):
+    """`path` as a Path, checked to be a folder: a mistyped --model or one naming a file inside the folder would
+    otherwise be reported as a missing config.json or tokenizer.json under it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: " + ("not a folder; a checkpoint is the folder that holds config.json, the "
+                                               "safetensors and the tokenizer files" if path.exists() else
+                                               "model folder not found"))
+    return path
+
+
 def checkpoint_files(path):
     """{tensor name: file} for a folder, reading only the safetensors headers (never the data)."""
     path = Path(path)
@@ -647,7 +658,7 @@ def load_model(path, dtype=None, device="cpu"):
     """Load a Hugging Face checkpoint folder into a Transformer, in the checkpoint's dtype unless `dtype` says
     otherwise. The module is built on the meta device (no memory) and each tensor is read from its memory-mapped
     file, converted and placed on its own, so the peak stays near one copy of the weights."""
-    path = Path(path)
+    path = model_folder(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; expected one of {list(DTYPES)}")
@@ -785,7 +796,7 @@ class Tokenizer:
     tokenizer_config.json and generation_config.json. encode never adds BOS: chat templates place it."""
 
     def __init__(self, path):
-        path = Path(path)
+        path = model_folder(path)
         file = path / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file}: file not found")

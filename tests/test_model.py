@@ -405,6 +405,19 @@ def test_error_no_weights_and_bad_config(tmp_path):
         M.load_model(d)
 
 
+def test_error_model_folder_missing_or_a_file(tmp_path):
+    """A --model that does not exist, or names a file, is reported as such (not as config.json / tokenizer.json
+    missing under it)."""
+    for load in (M.load_model, M.load_tokenizer):
+        with pytest.raises(FileNotFoundError) as info:
+            load(tmp_path / "nope")
+        assert str(info.value) == f"{tmp_path / 'nope'}: model folder not found", str(info.value)
+        weights = copy_fixture("llama_gqa_untied", tmp_path / load.__name__) / "model.safetensors"
+        with pytest.raises(FileNotFoundError) as info:
+            load(weights)
+        assert str(info.value).startswith(f"{weights}: not a folder"), str(info.value)
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer and chat templates (expected ids from transformers' apply_chat_template on the real templates)
 
