@@ -916,8 +916,17 @@ def save_checkpoint(path, model, tokenizer_dir, opt, sampler, step, cfg, lora, r
 def load_adapters(path, model):
     """Put a checkpoint's LoRA adapters into `model` (before FSDP shards it)."""
     path = Path(path) / "adapter.safetensors"
-    with safe_open(path, framework="pt") as f:
-        missing, unexpected = model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found (a LoRA checkpoint keeps its adapters there)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            adapters = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(adapters, strict=False)
+    except RuntimeError as e:  # a shape that differs from the model's (another rank): torch lists each one
+        raise ValueError(f"{path}: adapters do not match the model ({' '.join(str(e).split())})") from None
     if unexpected or any(".lora_" in k for k in missing):
         raise ValueError(f"{path}: adapters do not match the model "
                          f"(unexpected {unexpected[:3]}, missing {[k for k in missing if '.lora_' in k][:3]})")

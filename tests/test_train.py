@@ -321,6 +321,25 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path):
     assert str(info.value).startswith(f"{log}:2: not valid JSON"), str(info.value)
 
 
+def test_damaged_lora_adapters_are_an_error_naming_the_file(tiny_model, tmp_path):
+    """A LoRA checkpoint whose adapter.safetensors is missing, cut short or of another rank stops the resume with
+    the file's name (were an errno message, a SafetensorError traceback and a RuntimeError traceback)."""
+    iopo.add_lora(tiny_model, 2, 16.0, 0.0)
+    adapters = {k: v.detach().contiguous() for k, v in tiny_model.state_dict().items() if ".lora_" in k}
+    file = tmp_path / "adapter.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"{file}: file not found"):
+        iopo.load_adapters(tmp_path, tiny_model)
+    save_file(adapters, file)
+    iopo.load_adapters(tmp_path, tiny_model)
+    file.write_bytes(file.read_bytes()[:300])
+    with pytest.raises(ValueError, match=f"{file}: not a readable safetensors file"):
+        iopo.load_adapters(tmp_path, tiny_model)
+    name = next(iter(adapters))
+    save_file({**adapters, name: torch.zeros(3, adapters[name].shape[1])}, file)
+    with pytest.raises(ValueError, match=f"{file}: adapters do not match the model .*size mismatch for {name}"):
+        iopo.load_adapters(tmp_path, tiny_model)
+
+
 def test_resume_in_place_from_an_older_checkpoint(toy_dir, tmp_path):
     """Continuing in the same --out from checkpoint-1 of 3 removes the later, abandoned checkpoints, and
     --keep-checkpoints 1 then keeps the new checkpoint-2 (it used to keep the stale checkpoint-3)."""
