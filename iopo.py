@@ -607,7 +607,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep the newest N checkpoints; older ones go once a new one is complete (0: all)
     resume: str = ""  # checkpoint (or output folder: its latest) to continue with its saved settings (see below)
     skip_bad: bool = False  # skip malformed data lines (and report how many) instead of stopping
-    overwrite: bool = False  # start over in an --out that holds an earlier run (its metrics and checkpoints go)
+    overwrite: bool = False  # start over in an --out that holds an earlier run (its metrics, final/ and checkpoints go)
     toy_preset: str = "toy"  # model.PRESETS size for --model toy
     toy_vocab: int = 2048  # tokenizer vocabulary for --model toy
     log_every: int = 1  # print to the progress bar every N steps (metrics.jsonl gets every step)
