@@ -913,16 +913,21 @@ def save_checkpoint(path, model, tokenizer_dir, opt, sampler, step, cfg, lora, r
         os.replace(tmp, path)
 
 
+def read_tensors(file, what):
+    """Every tensor of a checkpoint's safetensors file; a missing or damaged file is an error naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: file not found ({what})")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def load_adapters(path, model):
     """Put a checkpoint's LoRA adapters into `model` (before FSDP shards it)."""
     path = Path(path) / "adapter.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found (a LoRA checkpoint keeps its adapters there)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            adapters = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    adapters = read_tensors(path, "a LoRA checkpoint keeps its adapters there")
     try:
         missing, unexpected = model.load_state_dict(adapters, strict=False)
     except RuntimeError as e:  # a shape that differs from the model's (another rank): torch lists each one
@@ -953,13 +958,7 @@ def read_trainer_state(checkpoint):
 def read_trainer_tensors(checkpoint):
     """The optimizer moments and generator states of a checkpoint (trainer_state.safetensors)."""
     file = Path(checkpoint) / "trainer_state.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: file not found")
-    try:
-        with safe_open(file, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a bad header or a truncated file
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    tensors = read_tensors(file, "every checkpoint keeps its optimizer moments there")
     if "rng.torch" not in tensors:
         raise ValueError(f"{file}: missing tensor 'rng.torch' (the generator state every checkpoint saves)")
     return tensors
