@@ -586,7 +586,7 @@ class TrainConfig:
     max_len: int = 1024  # tokens per sequence; longer examples are cut like the authors' code (data.py)
     group_by_length: bool = False  # batch examples of similar length together (less padding; order less random)
     seed: int = 0  # seeds the model init (toy), LoRA's A matrices, the data order and dropout
-    dtype: str = "float32"  # float32, or bfloat16: autocast on the device (LoRA also keeps the frozen base in bfloat16)
+    dtype: str = "float32"  # float32, or bfloat16: autocast (LoRA: the frozen base, so the saved model, in bfloat16)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
     compile: bool = False  # torch.compile each block (first steps are slow while it compiles; GPU mainly)
