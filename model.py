@@ -441,7 +441,9 @@ def packed_rows_attention(q, k, v, rows):
     # Pass 1, [x, y_a]: the first TA positions of every row. Where a row's [x, y_a] is shorter, the positions
     # up to TA hold its y_b or padding: causality keeps [x, y_a] from seeing them, and their outputs are
     # replaced (y_b, by pass 2) or never read (padding). Outputs from TA on start as zeros.
-    a = lambda t: t[:, :, :TA]
+    # (.contiguous: torch.compile's generated backward of this slice, a view that keeps the row stride T, assumed
+    # the stride of the first batch it saw and failed at the next packed width; a copy has strides of TA alone)
+    a = lambda t: t[:, :, :TA].contiguous()
     y = causal_pass(a(q), repeat_kv(a(k), n), repeat_kv(a(v), n), rows.window)
     y = F.pad(y, (0, 0, 0, T - TA))  # (R, H, T, hd)
     gather = lambda t: t.gather(2, rows.b_index[:, None, :, None].expand(R, t.shape[1], rows.b_index.shape[1], hd))
