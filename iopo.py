@@ -21,8 +21,8 @@ What we simplify or leave out:
 2. The two-term ablations are the MEAN of their two Bradley-Terry terms, so every loss starts at ln 2
    when the policy equals the reference (SPEC writes them as sums; the gradient is halved, nothing else).
 3. The log-prob kernel only scores positions whose label is not `ignore_index`; the others cost nothing.
-4. Reference log-probs come from the starting weights and are cached once per (data, tokenizer, weights,
-   max_len, dtype, packing: reference_cache_key); the reference never changes during training, as in the paper.
+4. Reference log-probs come from the starting weights and are cached once per (data, tokenizer, weights and
+   config, max_len, dtype, packing: reference_cache_key); the reference never changes during training, as in the paper.
 5. Under --fsdp a checkpoint is gathered whole on rank 0 (one file set, the same as without FSDP, resumable
    with or without it), not written as shards by every process: simple, but rank 0 must hold it all on the CPU.
 6. The toy reproduction trains a tiny model on 9 easy constraint families; it shows the machinery, not
@@ -58,8 +58,8 @@ from tqdm import tqdm
 
 from data import (COLLATORS, IGNORE_INDEX, BatchSampler, DataError, EncodedDataset, ReadStats, RecordFile,
                   collate_packed, example_texts, holdout_split, packed_attention_mask, train_tokenizer)
-from model import (INDEX_NAME, PRESETS, WEIGHTS_NAME, PackedRows, Transformer, load_model, load_tokenizer, read_json,
-                   save_model, toy_config, write_atomic, write_json_atomic)
+from model import (INDEX_NAME, PRESETS, TOKENIZER_FILES, WEIGHTS_NAME, PackedRows, Transformer, load_model,
+                   load_tokenizer, read_json, save_model, toy_config, write_atomic, write_json_atomic)
 
 try:  # Triton is an optional extra: the kernel falls back to chunked PyTorch without it.
     import triton
@@ -866,14 +866,17 @@ CACHE_KEY_CHARS = 24  # hex digits of the reference-cache key
 
 
 def reference_cache_key(cfg, tokenizer_dir):
-    """A name that changes whenever the method, the data, the tokenizer, the reference weights (and whether
-    they are LoRA's base), the cut length, the compute dtype, packing or the way reference log-probs are
+    """A name that changes whenever the method, the data, the tokenizer and its chat template, the reference
+    weights and config.json (a sliding window or RoPE setting changes the log-probs of the same weights), whether
+    they are LoRA's base, the cut length, the compute dtype, packing or the way reference log-probs are
     computed (REFERENCE_VERSION) change. Packed and plain rows give the same log-probs to rounding
     (tests/test_scale.py); the key keeps them apart anyway, so that one configuration always trains on the
     same numbers."""
     weights = sorted(Path(cfg.model).glob("model*.safetensors"))
+    tokenizer = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).is_file()]
     parts = [f"v{REFERENCE_VERSION}", cfg.method, str(cfg.max_len), cfg.dtype, str(cfg.lora_rank > 0), str(cfg.pack),
-             file_digest([cfg.data]), file_digest([Path(tokenizer_dir) / "tokenizer.json"]), file_digest(weights)]
+             file_digest([cfg.data]), *(f"{p.name}:{file_digest([p])}" for p in tokenizer),
+             file_digest([Path(cfg.model) / "config.json"]), file_digest(weights)]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=CACHE_KEY_CHARS // 2).hexdigest()
 
 

@@ -563,9 +563,10 @@ def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, 
 
 def test_reference_cache_key_follows_what_the_reference_depends_on(tmp_path):
     """The reference-cache key is stable, ignores settings the reference does not read (lr, seed), and changes with
-    each thing it does: data, tokenizer and weight files, cut length, dtype, packing, method, LoRA."""
-    (tmp_path / "model.safetensors").write_bytes(b"weights")
-    (tmp_path / "tokenizer.json").write_text("{}")
+    each thing it does: data, tokenizer, chat template, config and weight files, cut length, dtype, packing, method,
+    LoRA."""
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / name).write_text("{}")
     (tmp_path / "data.jsonl").write_text("{}\n")
     cfg = iopo.TrainConfig(method="dpo", model=str(tmp_path), data=str(tmp_path / "data.jsonl"))
     key = lambda c: iopo.reference_cache_key(c, tmp_path)
@@ -573,7 +574,8 @@ def test_reference_cache_key_follows_what_the_reference_depends_on(tmp_path):
     assert key(dataclasses.replace(cfg, lr=1.0, seed=3)) == start, "lr and seed must not change the key"
     changed = {name: key(dataclasses.replace(cfg, **{name: value})) for name, value in (
         ("max_len", 512), ("dtype", "bfloat16"), ("pack", True), ("method", "iopo"), ("lora_rank", 8))}
-    for name in ("data.jsonl", "tokenizer.json", "model.safetensors"):
+    for name in ("data.jsonl", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
+                 "model.safetensors"):
         old = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(old + b" ")
         changed[name] = key(cfg)
