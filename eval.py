@@ -816,10 +816,7 @@ def trace_markdown(report):
 def item_messages(item):
     """Chat messages of an item: TRACE items carry 'messages' (system + user), IFEval inputs only a 'prompt'."""
     if isinstance(item.get("messages"), list) and item["messages"]:
-        for i, m in enumerate(item["messages"]):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"'messages'[{i}] should be an object with a string 'role' and 'content', "
-                                 f"got {m!r:.80}")
+        M.check_messages(item["messages"])  # what rendering will need, checked before any model loads
         return item["messages"]
     if isinstance(item.get("prompt"), str):
         return [{"role": "user", "content": item["prompt"]}]

@@ -793,6 +793,19 @@ def chatml_default_system(template):
     return None
 
 
+def check_messages(messages):
+    """A chat that render_chat can write: at least one message, each {"role", "content"} with string values
+    and a system, user or assistant role (templates render tool turns their own way)."""
+    if not messages:
+        raise ValueError("render_chat needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i} has role {m['role']!r}; only system, user and assistant turns are "
+                             f"rendered (tools are not supported)")
+
+
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library, plus the special tokens and chat format described by
     tokenizer_config.json and generation_config.json. encode never adds BOS: chat templates place it."""
@@ -885,14 +898,7 @@ class Tokenizer:
 
     def render_chat(self, messages, add_generation_prompt=True):
         """The text the model's own chat template produces for `messages` ([{"role", "content"}, ...])."""
-        if not messages:
-            raise ValueError("render_chat needs at least one message")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
-            if m["role"] not in ("system", "user", "assistant"):  # templates render tool turns their own way
-                raise ValueError(f"message {i} has role {m['role']!r}; only system, user and assistant turns are "
-                                 f"rendered (tools are not supported)")
+        check_messages(messages)
         if self.thinks:
             raise ValueError(f"{self.source}: the chat template writes <think> reasoning blocks, which this "
                              f"renderer does not reproduce; only plain ChatML and Llama 3 templates are rendered")
