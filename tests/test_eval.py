@@ -464,12 +464,13 @@ def test_trace_with_model_checks_every_prompt_before_loading_it(tmp_path):
     """--model: a malformed 'messages' list stops at file:line before the model loads (was an AttributeError)."""
     item = {"id": "0", "messages": [{"role": "user", "content": "Say hi in quotes."}],
             "checks": [{"dimension": "Output Format", "type": "Format", "family": "quotes_wrap", "params": {}}]}
-    for messages, message in (([["user", "hi"]], r"message 0 needs string 'role' and 'content'"),
-                              ([{"role": "user"}], r"message 0 needs string 'role' and 'content', got \{'role': 'user'\}")):
+    needs = r"message 0 needs string 'role' and 'content'"
+    for messages, message in (([["user", "hi"]], needs), ([{"role": "user"}], needs + r", got \{'role': 'user'\}")):
         data = tmp_path / "items.jsonl"
         data.write_text(json.dumps(item) + "\n" + json.dumps({**item, "id": "other", "messages": messages}) + "\n")
         with pytest.raises(SystemExit, match=f"error: {data}:2: {message}"):
-            E.main(["trace", "--data", str(data), "--model", str(tmp_path / "never_loaded"), "--out", str(tmp_path / "o")])
+            E.main(["trace", "--data", str(data), "--model", str(tmp_path / "never_loaded"),
+                    "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
