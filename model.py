@@ -827,7 +827,7 @@ class Tokenizer:
         template = config.get("chat_template") or ""
         if isinstance(template, list):  # several named templates: use the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), "")
-        if not template and (path / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+        if (path / "chat_template.jinja").is_file():  # where newer transformers save it; it wins there too
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template = template
         self.thinks = "<think>" in template  # QwQ's opens a reasoning block after the prompt: not rendered here

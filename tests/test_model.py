@@ -472,6 +472,17 @@ def test_default_system_message_with_braces_and_escapes(tmp_path):
     assert tok.render_chat([{"role": "user", "content": "What is 1+1?"}]) == want
 
 
+def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
+    """chat_template.jinja replaces tokenizer_config.json's chat_template, as transformers loads them."""
+    templates = json.loads((FIXTURES / "chat" / "templates.json").read_text())
+    shutil.copytree(FIXTURES / "chat" / "qwen2", tmp_path / "tok")  # its config holds Qwen2's template
+    (tmp_path / "tok" / "chat_template.jinja").write_text(templates["chatml"], encoding="utf-8")
+    tok = M.load_tokenizer(tmp_path / "tok")
+    assert tok.chat_template == templates["chatml"] and tok.default_system is None, tok.default_system
+    want = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # no default system turn: the file's template
+    assert tok.render_chat([{"role": "user", "content": "Hi"}]) == want
+
+
 def test_chatml_fixture_tokenizer(chatml_tokenizer_dir):
     """The conftest tokenizer: encode/decode round trip, ChatML ids, no BOS added, pad and eos as documented."""
     tok = M.load_tokenizer(chatml_tokenizer_dir)
