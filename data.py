@@ -6,13 +6,15 @@ Print one encoded example and the counts for a file (scored tokens in colour, or
     python data.py train.jsonl --model ~/models/Qwen2-7B-Instruct --max-len 6000
 
 Formats read (one JSON object per line, or a JSON array of objects as LLaMA-Factory's sharegpt files):
-  SFT    {"messages": [{"role", "content"}, ...]}  or  {"prompt": str|messages, "response": str}
-  DPO    {"prompt": str|messages, "chosen": str, "rejected": str}  (TRL's layout; sharegpt too)
+  SFT    {"messages": [{"role", "content"}, ..., assistant]}  or  {"prompt": str|messages, "response": str}
+  DPO    {"prompt": str|messages, "chosen": str, "rejected": str}  (TRL's layout)
   IOPO   {"x1", "y1", "x2", "y2"}, or the authors' sharegpt layout: "conversations" = two human turns
          x1 and x2, "chosen" = y1, "rejected" = y2 (the correct answer to x2)
-  Any of these may carry a top-level "system" string (sharegpt's field): it opens every prompt.
   TRACE  evaluation items: id, messages, description, constraints, input, constraints_num,
          constraints_splits, levels2, category (SPEC section 3), plus "checks"/"reference" from trace_gen.
+  Sharegpt spellings are read too: "conversations" for SFT's "messages" and DPO's "prompt", turns as
+  {"from": "human"|"gpt"|"system", "value"}, and an answer as one assistant message (or TRL's list of one).
+  SFT, DPO and IOPO records may carry a top-level "system" string (sharegpt's field): it opens every prompt.
 
 What a sequence looks like (ChatML): the prompt is rendered as the tokenizer's chat template would render
 it (model.Tokenizer.render_chat writes ChatML or Llama 3 by hand, no jinja) with the generation header, then
@@ -99,7 +101,7 @@ class EncodeStats:
     """Counts over the examples encoded so far."""
     examples: int = 0
     truncated: int = 0         # examples cut to max_len
-    cut_ties: int = 0          # DPO / IOPO examples whose sequences became equal when cut (no gradient then)
+    cut_ties: int = 0          # cut DPO / IOPO examples with two equal sequences after the cut (no gradient then)
     special_text: int = 0      # examples whose text spells a special token (the tokenizer reads it as that token)
     boundary_merges: int = 0   # sequences whose prompt/response seam merges when tokenized whole
     scored_tokens: int = 0     # over every sequence of a pair or quadruple
@@ -445,8 +447,8 @@ class RecordFile:
 
     One streaming pass checks every line and keeps its byte offset, its line number and a rough length
     (characters of the longest prompt plus the longest response, for grouping by length): 24 bytes a
-    record. `rf[i]` reads line i again. The JSON-array layout cannot be read line by line, so its records
-    are kept in memory."""
+    record. `rf[i]` reads record i again from its byte offset. The JSON-array layout cannot be read line by
+    line, so its records are kept in memory."""
 
     def __init__(self, path, kind, skip_bad=False, stats=None):
         self.path, self.kind = str(path), kind
@@ -601,8 +603,8 @@ def encode(tok, prompt_messages, response, max_len=None, stats=None, check=True)
 
     input_ids = prompt_ids (template + header) + the answer as the template writes it + end-of-turn,
     cut to max_len as _encode_group describes; check=True also tokenizes the whole conversation to
-    count seams that merge (seam_merges). Labels are aligned with input_ids, NOT shifted: labels[t] == input_ids[t] where token t is scored.
-    The trainer shifts: hidden[:, :-1] predicts labels[:, 1:]."""
+    count seams that merge (seam_merges). Labels are aligned with input_ids, NOT shifted: labels[t] ==
+    input_ids[t] where token t is scored. The trainer shifts: hidden[:, :-1] predicts labels[:, 1:]."""
     return _encode_group(tok, [prompt_messages], [response], [(0, 0)], max_len, stats, check)[0]
 
 
@@ -876,7 +878,8 @@ def collate_packed(batch, kind, pad_id, multiple=8):
 
     Returns input_ids, labels, labels_b, position_ids, segment_ids, attention_mask (1 on tokens), all
     (R, T) long, and packed_views' a_index, b_index, b_src, b_dst, which model.PackedRows turns into attention
-    that keeps y_b from seeing y_a. packed_attention_mask(segment_ids) gives the same rule as an (R, 1, T, T) mask."""
+    that keeps y_b from seeing y_a. packed_attention_mask(segment_ids) gives the same rule as an (R, 1, T, T)
+    mask."""
     if kind not in PACKED_PAIRS:
         raise ValueError(f"collate_packed: kind must be dpo or iopo, got {kind!r}")
     rows = [pack_pair(ex[a], ex[b]) for a, b in PACKED_PAIRS[kind] for ex in batch]

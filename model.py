@@ -66,7 +66,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} or None
-    attention_bias: bool = False  # bias on q/k/v projections (always on for Qwen2)
+    attention_bias: bool = False  # bias on q/k/v projections, and on o_proj for Llama (always on for Qwen2)
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     sliding_window: int | None = None  # each query sees at most this many keys (itself included); None = all
     max_window_layers: int = 0  # Qwen2: only layers with index >= this one use the sliding window
