@@ -72,7 +72,7 @@ class ModelConfig:
     max_window_layers: int = 0  # Qwen2: only layers with index >= this one use the sliding window
     bos_token_id: int | None = None  # beginning of sequence token, if the tokenizer has one
     eos_token_id: int | list[int] | None = None  # token(s) that end generation
-    torch_dtype: str = "float32"  # dtype the weights are stored in
+    torch_dtype: str = "float32"  # dtype of the weights: as stored, or as load_model placed them
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -430,6 +430,7 @@ def causal_pass(q, k, v, window):
     T = q.shape[2]
     if window is None or T <= window:  # the window cannot bind: SDPA's causal kernel (flash on the GPU)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # the causal window mask unpacked rows get too (attention_mask_for, defined with the KV cache below)
     band = attention_mask_for(torch.ones(1, T, dtype=torch.bool, device=q.device), 0, T, window)  # (1, 1, T, T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
 
