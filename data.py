@@ -303,6 +303,8 @@ def _raw_records(path):
     element by element, so that each element still gets the line it starts on."""
     with open(path, "rb") as f:
         head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte order mark may come first
+        while not head and (chunk := f.read(64)):  # blank lines before the first character
+            head = chunk.lstrip()
         f.seek(0)
         if head[:1] != b"[":
             yield from _jsonl_records(f)

@@ -231,6 +231,15 @@ def test_byte_order_mark_and_folders(tmp_path):
         list(D.read_iopo(tmp_path))
 
 
+def test_json_array_after_many_blank_lines(tmp_path):
+    """A JSON array whose "[" follows more than 64 bytes of blank lines is still read as an array."""
+    good = '{"x1": "A", "y1": "a", "x2": "B", "y2": "b"}'
+    path = tmp_path / "a.json"
+    path.write_text("\n" * 100 + f"[{good},\n{good}]")
+    assert D.sniff_kind(path) == "iopo"
+    assert [line for line, _, _ in D._raw_records(path)] == [101, 102]
+
+
 def test_sniff_kind(tmp_path):
     """The format is told from the first record's keys."""
     for kind, rec in GOOD.items():
