@@ -101,7 +101,7 @@ class EncodeStats:
     """Counts over the examples encoded so far."""
     examples: int = 0
     truncated: int = 0         # examples cut to max_len
-    cut_ties: int = 0          # cut DPO / IOPO examples with two equal sequences after the cut (no gradient then)
+    cut_ties: int = 0          # truncated DPO / IOPO examples in which two sequences are equal after the cut
     special_text: int = 0      # examples whose text spells a special token (the tokenizer reads it as that token)
     boundary_merges: int = 0   # sequences whose prompt/response seam merges when tokenized whole
     scored_tokens: int = 0     # over every sequence of a pair or quadruple
