@@ -2023,7 +2023,7 @@ def main(argv=None):
         data = generate_data(args.n_train, args.n_eval, args.seed, families, args.max_constraints, args.toy,
                              not args.no_progress)
         write_outputs(data, args.out)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: families that cannot make every record
         raise SystemExit(f"error: {e}") from None
     st = data["stats"]
     print(f"wrote {args.out}: {len(data['sft'])} train (mean C {st['train']['mean_constraints']}), "
