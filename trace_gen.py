@@ -16,7 +16,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    Theme: the topic is named at least k times.  Exclusion: a listed word never appears / no commas.
    Inclusion: keywords, a keyword k times, an exact phrase.  Value: a line starting with a responsibility label
    that names someone qualified to ask, where the wording promises that.
-   Privacy: e-mails and phones of the input records never appear, the given mask appears once per secret.
+   Privacy: e-mails and phones of the input records never appear, the given mask at least once per secret.
    Numerical: word-count range, word ceiling, sentence minimum.  Role-Playing: the words "As a <role>".
    Target Audience: the audience is named and no sentence exceeds N words.  Prior Condition: a conditional
    line whose right value depends on the topic's category.  Natural-language / Markdown Process Background:
@@ -187,9 +187,9 @@ def count_words(text):
 
 
 def split_sentences(text):
-    """Sentences of the prose: lines that are headings, titles, source entries, rules or labels (NOT_PROSE_RE)
-    are left out; the rest is cut after . ! ? followed by a space, and at line breaks, except after "P.S.",
-    "e.g." and "i.e."; each piece holds a letter or digit."""
+    """Sentences of the prose: lines that are headings, titles, source entries, rules, labels or list items
+    not ending in . ! ? (NOT_PROSE_RE) are left out; the rest is cut after . ! ? followed by a space, and at
+    line breaks, except after "P.S.", "e.g." and "i.e."; each piece holds a letter or digit."""
     prose = "\n".join(line for line in text.split("\n") if not NOT_PROSE_RE.match(line))
     if any(a in prose.lower() for a in ("p.s.", "e.g.", "i.e.")):  # (a scan of the text is cheaper than the regex)
         prose = NO_BREAK_RE.sub(lambda m: m[0].replace(".", "\0"), prose)
@@ -238,8 +238,8 @@ def one_spaced(text):
 
 
 def _line_starts(text, label):
-    """Lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces around a colon)
-    that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
+    """Indices of the lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces
+    before a colon) that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
     label = label.lower()
     return [i for i, line in enumerate(text.split("\n")) if _unmarked(line).lstrip(" \t\"'-*#").lower().startswith(label)]
 
@@ -460,7 +460,8 @@ class Draft:
 
 # -----------------------------------------------------------------------------
 # Constraint families. Each: phrasings, sample(rng, ctx) -> params, check(params, response) -> bool,
-# write(draft, params) to comply, spoil(draft, params) to violate, revise(rng, params, ctx) -> new params.
+# write(draft, params) to comply, spoil(draft, params) to violate, revise(rng, params, ctx, y1) -> new params
+# (or None).
 
 
 class Family:
@@ -1067,8 +1068,8 @@ class Questions(Family):
 
 class Simile(Family):
     name, dimension, fields, slot = "simile", "Linguistic Characteristics", ("form",), "simile"
-    # \s+ between the words, so that a simile broken across a line still counts
-    # ... nor is the verb: "I would like a coffee", "we'd like an answer"
+    # \s+ between the words, so that a simile broken across a line still counts; the look-behinds skip "like"
+    # the verb ("I would like a coffee", "we'd like an answer")
     FORMS = {"like": (r"(?<!\bwould\s)(?<!'d\s)(?<!\bI\s)(?<!\bwe\s)(?<!\byou\s)(?<!\bthey\s)\blike\s+an?\s+[a-z]+",
                       "It works like a well-kept clock."),
              # "as well as", "as soon as", ... are set phrases, not comparisons
@@ -1082,7 +1083,8 @@ class Simile(Family):
         return {"form": rng.choice(["like", "as"])}
 
     def check(self, p, r):
-        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive; not 'as well as' and kin)."""
+        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive; not 'as well as' and kin, nor the
+        verb in 'I / we / you / they / would / 'd like a')."""
         return re.search(self.FORMS[p["form"]][0], r, re.I) is not None
 
     def write(self, d, p):
@@ -1212,8 +1214,8 @@ class StartWord(Family):
         return {"word": rng.choice(ctx.get("start_words", START_WORDS))}
 
     def check(self, p, r):
-        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-' equals word (case-insensitive); "Well-known"
-        does not start with "Well"."""
+        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-', '<' equals word (case-insensitive);
+        "Well-known" does not start with "Well"."""
         s = r.lstrip(" \n\t\"'#*-<")
         m = WORD_RE.search(s)
         return m is not None and m.start() == 0 and m.group(0).lower() == p["word"].lower() and \
@@ -1359,7 +1361,7 @@ class Sections(Family):
         return {"n": rng.randint(2, 4)}
 
     def check(self, p, r):
-        """Number of lines starting with '## ' (after leading spaces/quotes) == n."""
+        """Number of lines starting with '## ' (after leading spaces and double quotes) == n."""
         return sum(1 for line in r.split("\n") if line.lstrip(" \"").startswith("## ")) == p["n"]
 
     def write(self, d, p):
@@ -1603,7 +1605,8 @@ def make_spec(fam, params, phrasing, number):
 
 
 # slots that hold one value: two constraints of one family with different values cannot both be met (two
-# first words, two letter cases, ...); word limits compare their numbers (`_word_bounds`); across families only wrappers, endings and list styles exclude each other
+# first words, two letter cases, ...); word limits compare their numbers (`_word_bounds`); of two families
+# sharing a slot, only wrappers, endings and list styles exclude each other (others are redundant)
 EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "list", "start", "ending", "prior", "process", "sections",
                    "role", "multilingual", "emotion", "template", "positive_example"}
 
@@ -1995,12 +1998,16 @@ def print_stats(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Synthetic TRACE data (SFT, DPO, IOPO, eval) with code-checked constraints.")
     ap.add_argument("--out", help="output folder for sft/dpo/iopo/eval .jsonl and stats.json")
-    ap.add_argument("--n-train", type=int, default=1000, help="training instructions (each gives one SFT, DPO and IOPO record)")
-    ap.add_argument("--n-eval", type=int, default=1042, help="evaluation items (C distribution of the real set, scaled)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    ap.add_argument("--n-train", type=int, default=1000,
+                    help="training instructions, each giving one SFT, DPO and IOPO record (default 1000)")
+    ap.add_argument("--n-eval", type=int, default=1042,
+                    help="evaluation items, C distributed as in the real set, cut at --max-constraints (default 1042)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (default 0)")
     ap.add_argument("--families", help="comma-separated subset of constraint families (default: all, or the toy preset)")
-    ap.add_argument("--max-constraints", type=int, help="cap on constraints per instruction (default 15, toy 3)")
-    ap.add_argument("--toy", action="store_true", help="short answers, easy surface families, C <= 3: for a tiny model on CPU")
+    ap.add_argument("--max-constraints", type=int, help="cap on constraints per instruction (default 15, toy 3; "
+                    "lower when the chosen --families cannot combine that many)")
+    ap.add_argument("--toy", action="store_true", help="short answers, easy surface families, C <= 3 unless "
+                    "--max-constraints: for a tiny model on CPU")
     ap.add_argument("--stats", metavar="FILE", help="print Table 1/2-style statistics of a TRACE-format jsonl and exit")
     ap.add_argument("--json", action="store_true", help="with --stats: print one JSON object")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
