@@ -49,10 +49,10 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    model to learn which constraint asks for what, not a substitute for a strong model's answers.
 7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
-8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
-   labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
-   curly quotes read as straight ones and labels may be bold; "Wow!!" is one exclamation and "Really??" one
-   question; a line break or several spaces inside a phrase read as one space, both where the phrase must
+8. Counting as a reader counts: words are whitespace-separated tokens with a letter or digit (a lone dash is
+   none); sentences leave out headings, titles, labels, source entries and list items without a full stop; a
+   one-key JSON answer is judged on its text; curly quotes read as straight ones and labels may be bold;
+   "Wow!!" is one exclamation and "Really??" one question; a line break or several spaces inside a phrase read as one space, both where the phrase must
    appear and where it must not; a look-up reads "4,512" as 4512. Still looser than a person: the adviser on
    a responsible-use line is found by a word list, so "I am not an expert" passes (see the README).
 
