@@ -52,9 +52,10 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
 8. Counting as a reader counts: words are whitespace-separated tokens with a letter or digit (a lone dash is
    none); sentences leave out headings, titles, labels, source entries and list items without a full stop; a
    one-key JSON answer is judged on its text; curly quotes read as straight ones and labels may be bold;
-   "Wow!!" is one exclamation and "Really??" one question; a line break or several spaces inside a phrase read as one space, both where the phrase must
-   appear and where it must not; a look-up reads "4,512" as 4512. Still looser than a person: the adviser on
-   a responsible-use line is found by a word list, so "I am not an expert" passes (see the README).
+   "Wow!!" is one exclamation and "Really??" one question; a line break or several spaces inside a phrase read
+   as one space, both where the phrase must appear and where it must not; a look-up reads "4,512" as 4512.
+   Still looser than a person: the adviser on a responsible-use line is found by a word list, so "I am not an
+   expert" passes (see the README).
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies ("phrasing" is
