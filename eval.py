@@ -5,7 +5,8 @@ Toy run on the CPU, then a real checkpoint (see `python eval.py <command> --help
     python iopo.py     # the toy reproduction: writes runs/toy/seed0/{data, sft, dpo, iopo}
     python eval.py trace  --data runs/toy/seed0/data/eval.jsonl --model runs/toy/seed0/iopo/final
         # -> runs/eval/trace-iopo
-    python eval.py trace  --data trace_eval.jsonl --model runs/q7/final --out runs/trace_q7
+    python eval.py trace  --data runs/trace/eval.jsonl --model runs/q7/final --out runs/trace_q7
+        # (trace_gen.py's paper-scale set: the released TRACE items carry no code checks to score with)
     python eval.py ifeval --input ../shared/data/ifeval_input_data.jsonl --model runs/q7/final --out runs/ifeval_q7
     python eval.py compare runs/trace_q7 runs/ifeval_q7   # Table 3 layout: one row per label (here: q7)
 
@@ -84,15 +85,16 @@ def write_jsonl(path, rows):
 # langdetect scores character n-grams against 55 Wikipedia-trained profiles. We decide in two steps that
 # rarely disagree with it on real answers: the writing system with the most letters picks a group of
 # languages, and inside a group that several languages share (Latin, Cyrillic, Arabic, Devanagari) each
-# sentence votes, with its length, for the language whose common function words it holds most; the language
-# with the longest share of the text wins. Like langdetect, URLs and e-mail addresses are ignored, Latin
-# letters are ignored when characters above U+0300 outnumber them more than two to one, and a text without any
-# letter from a known script has no answer (IFEval then counts the instruction as followed).
+# sentence votes, with its length, for the language whose common function words (and telling letters and word
+# endings) it holds most; the language with the longest share of the text wins. Like langdetect, URLs and
+# e-mail addresses are ignored, Latin letters are ignored when characters above U+0300 outnumber them more
+# than two to one, and a text without any letter from a known script has no answer (IFEval then counts the
+# instruction as followed).
 #
 # Very short Latin texts are a lottery for langdetect: it picks among 55 languages from a handful of letter
 # n-grams (an all-capitals word only shows it its first and last letters; the README gives examples). For
-# such texts (at most three words, in capitals or without any function word) we answer "und", undetermined,
-# which is not English, rather than guess.
+# such texts (at most three words, in capitals or with no function word, telling letter or ending) we answer
+# "und", undetermined, which is not English, rather than guess.
 
 _SCRIPTS = [  # (first, last code point, script group, or for a one-language script its langdetect code);
     # ASCII and the Latin blocks are handled apart
@@ -199,8 +201,8 @@ def _function_word_votes(text, script):
 
 def detect_language(text):
     """ISO 639-1 code of the main language of text (langdetect's codes); "und" for a Latin text of at most
-    three words in capitals or without a function word (see above: counted as not English); None when it
-    has no usable letters."""
+    three words in capitals or with no function word, telling letter or ending (see above: counted as not
+    English); None when it has no usable letters."""
     text = _EMAIL_RE.sub(" ", _URL_RE.sub(" ", text))
     # langdetect drops Latin letters when characters above U+0300 (marks and symbols included) outnumber them
     # more than two to one; its "Latin" is the range A..z.
@@ -1120,13 +1122,15 @@ def build_parser():
         src.add_argument("--model", help="checkpoint folder (model.py format) to generate the answers with first")
         sp.add_argument("--label", help="name of this run in reports and `compare`, unique per benchmark "
                         "(default: RUN for a model at RUN/final, RUN/checkpoint-N for a checkpoint, else the model "
-                        "folder's or the responses file's name)")
+                        "folder's name, or the responses file's name without its extension)")
         sp.add_argument("--max-new-tokens", type=int, default=budget, help=f"token budget per answer (default "
                         f"{budget}{note})")
         sp.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
-        sp.add_argument("--seed", type=int, default=None, help="sampling seed (only used when temperature > 0)")
+        sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 "
+                        "(default 1.0: no cut)")
+        sp.add_argument("--seed", type=int, default=None, help="sampling seed, only used when temperature > 0 "
+                        "(default: none, so each run samples anew)")
         sp.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
         sp.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
 

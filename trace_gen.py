@@ -16,7 +16,7 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    Theme: the topic is named at least k times.  Exclusion: a listed word never appears / no commas.
    Inclusion: keywords, a keyword k times, an exact phrase.  Value: a line starting with a responsibility label
    that names someone qualified to ask, where the wording promises that.
-   Privacy: e-mails and phones of the input records never appear, the given mask appears once per secret.
+   Privacy: e-mails and phones of the input records never appear, the given mask at least once per secret.
    Numerical: word-count range, word ceiling, sentence minimum.  Role-Playing: the words "As a <role>".
    Target Audience: the audience is named and no sentence exceeds N words.  Prior Condition: a conditional
    line whose right value depends on the topic's category.  Natural-language / Markdown Process Background:
@@ -49,12 +49,13 @@ Where the paper prompts a 72B model and judges with GPT-4o, we sample from small
    model to learn which constraint asks for what, not a substitute for a strong model's answers.
 7. Priority for CFBench's PSR: Content, Situation and Format constraints are primary; Style and Example are
    secondary (the paper gives no rule). An empty response fails every check, as in IFEval.
-8. Counting as a reader counts: words are whitespace-separated tokens; sentences leave out headings, titles,
-   labels, source entries and list items without a full stop; a one-key JSON answer is judged on its text;
-   curly quotes read as straight ones and labels may be bold; "Wow!!" is one exclamation and "Really??" one
-   question; a line break or several spaces inside a phrase read as one space, both where the phrase must
-   appear and where it must not; a look-up reads "4,512" as 4512. Still looser than a person: the adviser on
-   a responsible-use line is found by a word list, so "I am not an expert" passes (see the README).
+8. Counting as a reader counts: words are whitespace-separated tokens with a letter or digit (a lone dash is
+   none); sentences leave out headings, titles, labels, source entries and list items without a full stop; a
+   one-key JSON answer is judged on its text; curly quotes read as straight ones and labels may be bold;
+   "Wow!!" is one exclamation and "Really??" one question; a line break or several spaces inside a phrase read
+   as one space, both where the phrase must appear and where it must not; a look-up reads "4,512" as 4512.
+   Still looser than a person: the adviser on a responsible-use line is found by a word list, so "I am not an
+   expert" passes (see the README).
 
 Outputs (--out DIR). Every record carries its checks, each a self-contained spec {"dimension", "type",
 "family", "params", "priority", "phrasing", "text"} that `check(spec, response)` re-verifies ("phrasing" is
@@ -187,9 +188,9 @@ def count_words(text):
 
 
 def split_sentences(text):
-    """Sentences of the prose: lines that are headings, titles, source entries, rules or labels (NOT_PROSE_RE)
-    are left out; the rest is cut after . ! ? followed by a space, and at line breaks, except after "P.S.",
-    "e.g." and "i.e."; each piece holds a letter or digit."""
+    """Sentences of the prose: lines that are headings, titles, source entries, rules, labels or list items
+    not ending in . ! ? (NOT_PROSE_RE) are left out; the rest is cut after . ! ? followed by a space, and at
+    line breaks, except after "P.S.", "e.g." and "i.e."; each piece holds a letter or digit."""
     prose = "\n".join(line for line in text.split("\n") if not NOT_PROSE_RE.match(line))
     if any(a in prose.lower() for a in ("p.s.", "e.g.", "i.e.")):  # (a scan of the text is cheaper than the regex)
         prose = NO_BREAK_RE.sub(lambda m: m[0].replace(".", "\0"), prose)
@@ -238,8 +239,8 @@ def one_spaced(text):
 
 
 def _line_starts(text, label):
-    """Lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces around a colon)
-    that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
+    """Indices of the lines (ignoring leading spaces, quotes, '-', '*', '#'; bold or italic marks and spaces
+    before a colon) that start with `label` (case-insensitive): "**Disclaimer** : ..." starts with "Disclaimer:"."""
     label = label.lower()
     return [i for i, line in enumerate(text.split("\n")) if _unmarked(line).lstrip(" \t\"'-*#").lower().startswith(label)]
 
@@ -460,7 +461,8 @@ class Draft:
 
 # -----------------------------------------------------------------------------
 # Constraint families. Each: phrasings, sample(rng, ctx) -> params, check(params, response) -> bool,
-# write(draft, params) to comply, spoil(draft, params) to violate, revise(rng, params, ctx) -> new params.
+# write(draft, params) to comply, spoil(draft, params) to violate, revise(rng, params, ctx, y1) -> new params
+# (or None).
 
 
 class Family:
@@ -1067,8 +1069,8 @@ class Questions(Family):
 
 class Simile(Family):
     name, dimension, fields, slot = "simile", "Linguistic Characteristics", ("form",), "simile"
-    # \s+ between the words, so that a simile broken across a line still counts
-    # ... nor is the verb: "I would like a coffee", "we'd like an answer"
+    # \s+ between the words, so that a simile broken across a line still counts; the look-behinds skip "like"
+    # the verb ("I would like a coffee", "we'd like an answer")
     FORMS = {"like": (r"(?<!\bwould\s)(?<!'d\s)(?<!\bI\s)(?<!\bwe\s)(?<!\byou\s)(?<!\bthey\s)\blike\s+an?\s+[a-z]+",
                       "It works like a well-kept clock."),
              # "as well as", "as soon as", ... are set phrases, not comparisons
@@ -1082,7 +1084,8 @@ class Simile(Family):
         return {"form": rng.choice(["like", "as"])}
 
     def check(self, p, r):
-        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive; not 'as well as' and kin)."""
+        """Regex 'like a(n) <word>' or 'as <word> as' matches (case-insensitive; not 'as well as' and kin, nor the
+        verb in 'I / we / you / they / would / 'd like a')."""
         return re.search(self.FORMS[p["form"]][0], r, re.I) is not None
 
     def write(self, d, p):
@@ -1212,8 +1215,8 @@ class StartWord(Family):
         return {"word": rng.choice(ctx.get("start_words", START_WORDS))}
 
     def check(self, p, r):
-        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-' equals word (case-insensitive); "Well-known"
-        does not start with "Well"."""
+        """First word (WORD_RE) after leading spaces, quotes, '#', '*', '-', '<' equals word (case-insensitive);
+        "Well-known" does not start with "Well"."""
         s = r.lstrip(" \n\t\"'#*-<")
         m = WORD_RE.search(s)
         return m is not None and m.start() == 0 and m.group(0).lower() == p["word"].lower() and \
@@ -1359,7 +1362,7 @@ class Sections(Family):
         return {"n": rng.randint(2, 4)}
 
     def check(self, p, r):
-        """Number of lines starting with '## ' (after leading spaces/quotes) == n."""
+        """Number of lines starting with '## ' (after leading spaces and double quotes) == n."""
         return sum(1 for line in r.split("\n") if line.lstrip(" \"").startswith("## ")) == p["n"]
 
     def write(self, d, p):
@@ -1603,7 +1606,8 @@ def make_spec(fam, params, phrasing, number):
 
 
 # slots that hold one value: two constraints of one family with different values cannot both be met (two
-# first words, two letter cases, ...); word limits compare their numbers (`_word_bounds`); across families only wrappers, endings and list styles exclude each other
+# first words, two letter cases, ...); word limits compare their numbers (`_word_bounds`); of two families
+# sharing a slot, only wrappers, endings and list styles exclude each other (others are redundant)
 EXCLUSIVE_SLOTS = {"case", "register", "wrapper", "list", "start", "ending", "prior", "process", "sections",
                    "role", "multilingual", "emotion", "template", "positive_example"}
 
@@ -1807,7 +1811,7 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
         for C in cs:
             for attempt in range(2001):
                 if attempt == 2000:
-                    raise RuntimeError(f"no valid {split} item with C={C} from families {families} in 2000 attempts; "
+                    raise ValueError(f"no valid {split} item with C={C} from families {families} in 2000 attempts; "
                                        f"rejections so far: {dict(sampler.rejected)} {dict(failures)}")
                 ctx = make_task(rng, toy, sampler.kinds)
                 specs = sampler.instruction(rng, ctx, C)
@@ -1995,12 +1999,16 @@ def print_stats(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Synthetic TRACE data (SFT, DPO, IOPO, eval) with code-checked constraints.")
     ap.add_argument("--out", help="output folder for sft/dpo/iopo/eval .jsonl and stats.json")
-    ap.add_argument("--n-train", type=int, default=1000, help="training instructions (each gives one SFT, DPO and IOPO record)")
-    ap.add_argument("--n-eval", type=int, default=1042, help="evaluation items (C distribution of the real set, scaled)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    ap.add_argument("--n-train", type=int, default=1000,
+                    help="training instructions, each giving one SFT, DPO and IOPO record (default 1000)")
+    ap.add_argument("--n-eval", type=int, default=1042,
+                    help="evaluation items, C distributed as in the real set, cut at --max-constraints (default 1042)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (default 0)")
     ap.add_argument("--families", help="comma-separated subset of constraint families (default: all, or the toy preset)")
-    ap.add_argument("--max-constraints", type=int, help="cap on constraints per instruction (default 15, toy 3)")
-    ap.add_argument("--toy", action="store_true", help="short answers, easy surface families, C <= 3: for a tiny model on CPU")
+    ap.add_argument("--max-constraints", type=int, help="cap on constraints per instruction (default 15, toy 3; "
+                    "lower when the chosen --families cannot combine that many)")
+    ap.add_argument("--toy", action="store_true", help="short answers, easy surface families, C <= 3 unless "
+                    "--max-constraints: for a tiny model on CPU")
     ap.add_argument("--stats", metavar="FILE", help="print Table 1/2-style statistics of a TRACE-format jsonl and exit")
     ap.add_argument("--json", action="store_true", help="with --stats: print one JSON object")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -520,3 +520,11 @@ def test_a_phone_number_leaks_in_any_spacing():
         r = f"Write to [hidden] or call {shown}. Thanks, [hidden]."
         got = tg.check(spec(), r)
         assert got == (not leaked), f"{r!r}: check {got}, expected {not leaked}"
+
+
+def test_a_family_set_that_cannot_make_quadruples_is_a_one_line_error(tmp_path):
+    """--families title alone (not revisable, so no x2 that y1 fails) stops with error: ..., not a traceback."""
+    with pytest.raises(SystemExit, match=r"error: no valid train item with C=1 from families \['title'\]"):
+        tg.main(["--out", str(tmp_path / "o"), "--families", "title", "--n-train", "1", "--n-eval", "0",
+                 "--no-progress"])
+    assert not (tmp_path / "o").exists()
