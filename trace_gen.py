@@ -1812,7 +1812,7 @@ def generate_data(n_train, n_eval, seed, families=None, max_constraints=None, to
             for attempt in range(2001):
                 if attempt == 2000:
                     raise ValueError(f"no valid {split} item with C={C} from families {families} in 2000 attempts; "
-                                       f"rejections so far: {dict(sampler.rejected)} {dict(failures)}")
+                                     f"rejections so far: {dict(sampler.rejected)} {dict(failures)}")
                 ctx = make_task(rng, toy, sampler.kinds)
                 specs = sampler.instruction(rng, ctx, C)
                 if specs is None:
