@@ -178,11 +178,14 @@ def _messages(value, key):
     return [_message(m, (key, i)) for i, m in enumerate(value)]
 
 
+def _a(role):
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
 def _prompt(value, key):
     msgs = _messages(value, key)
     if msgs[-1]["role"] != "user":
-        raise _Bad(f'"{key}" should end with a user turn, ends with {"an" if msgs[-1]["role"] == "assistant" else "a"} '
-                   f'{msgs[-1]["role"]} turn')
+        raise _Bad(f'"{key}" should end with a user turn, ends with {_a(msgs[-1]["role"])} turn')
     return msgs
 
 
@@ -224,6 +227,9 @@ def normalize_sft(rec):
             raise _Bad(f'"{key}" should end with an assistant turn, ends with a {msgs[-1]["role"]} turn')
         if len(msgs) < 2:
             raise _Bad(f'"{key}" needs a prompt turn before the assistant turn')
+        if msgs[-2]["role"] != "user":  # as a DPO / IOPO prompt must: the answer replies to a user turn
+            raise _Bad(f'"{key}": the turn before the last assistant turn should be a user turn, is '
+                       f'{_a(msgs[-2]["role"])} turn')
         return {"messages": _with_system(rec, msgs), **_extras(rec, {key})}
     if "prompt" in rec or "response" in rec:
         prompt = _with_system(rec, _prompt(_get(rec, "prompt"), "prompt"))

@@ -798,7 +798,7 @@ def check_messages(messages):
     """A chat that render_chat can write: at least one message, each {"role", "content"} with string values
     and a system, user or assistant role (templates render tool turns their own way)."""
     if not messages:
-        raise ValueError("render_chat needs at least one message")
+        raise ValueError("a chat needs at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r:.80}")
