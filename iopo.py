@@ -985,9 +985,10 @@ def load_trainer_state(path, optimizer, sampler, rank=0, device=None):
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    # rng.cuda.<device> in device order (not rng.cuda.rank<r>, below); a machine with fewer GPUs takes the first ones
+    devices = sorted(int(k.rsplit(".", 1)[1]) for k in tensors if re.fullmatch(r"rng\.cuda\.\d+", k))
+    if devices and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in devices][:torch.cuda.device_count()])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     if f"rng.cpu.rank{rank}" in tensors:  # under torchrun each process continues with its own generators
