@@ -435,7 +435,7 @@ def iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, ref_logp_y1_x1, re
 
 
 def _iopo_metrics(beta, r11, r12, r22, r21, logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2):
-    """Detached batch means: rewards beta*r, margins, and output / input preference accuracies."""
+    """Detached batch means: rewards beta*r, margins, output / input preference accuracies, policy log-probs."""
     m = {
         "rewards/y1_x1": beta * r11, "rewards/y2_x1": beta * r12, "rewards/y1_x2": beta * r21,
         "margins/output_x1": beta * (r11 - r12),  # x1: y1 over y2
@@ -1279,7 +1279,7 @@ def check_settings(cfg, resuming):
 
 def stale_outputs(cfg, resume_dir, resume_step):
     """[(path, why)] that this run removes from --out once its data has been read. A folder that holds an
-    earlier run (metrics.jsonl, checkpoint-N) is an error without --overwrite, since its checkpoints would
+    earlier run (metrics.jsonl, final/, checkpoint-N) is an error without --overwrite, since its checkpoints would
     stay mixed with this run's; with it, they all go. --resume OUT --out OUT from an older checkpoint drops
     the later checkpoints: they belong to the abandoned steps."""
     out = Path(cfg.out)
@@ -1518,7 +1518,8 @@ def train(cfg, given=()):
                 (loss * (weight / cfg.grad_accum)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * (weight / cfg.grad_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
+                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         row, n_tokens = step_metrics(sums, grad_norm, n_tokens, world)
         row = {"step": step + 1, **row, "lr": lr}
         if not all(math.isfinite(v) for v in row.values()):
@@ -1675,7 +1676,8 @@ def toy_summary(out):
         except ValueError as e:
             raise ValueError(f"{f}: not JSON ({e})") from None
         if not isinstance(results, dict) or not results or not all(
-                isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in keys) for m in results.values()):
+                isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in keys)
+                for m in results.values()):
             raise ValueError(f"{f}: not a toy results.json ({{method: {{metric: number}}}} with {', '.join(keys)})")
         runs[int(seed)] = results
     runs = dict(sorted(runs.items()))
@@ -1683,7 +1685,8 @@ def toy_summary(out):
         raise ValueError(f"{out}: no seed*/results.json (run `python iopo.py toy --seed S --out {out}` first)")
     labels = list(dict.fromkeys(label for results in runs.values() for label in results))
     # mean ± sample standard deviation; one value has no spread to show
-    spread = lambda xs: f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")  # noqa: E731
+    spread = lambda xs: (f"{statistics.mean(xs):.1f}"  # noqa: E731
+                         + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else ""))
     lines = [f"Seeds: {', '.join(map(str, runs))}; mean ± standard deviation over the seeds", "",
              "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label in labels:
