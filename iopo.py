@@ -78,8 +78,9 @@ except ImportError:
 # reduce them to two numbers per token (the log-sum-exp and the target logit) and drop them. The
 # gradient of log p(y) with respect to the logits is (onehot(y) - softmax), so:
 #   - trainable head: the backward recomputes each chunk's logits from the saved hidden states and the
-#     per-token log-sum-exp, turns them in place into g * (onehot - softmax), and multiplies back to get
-#     grad_hidden (chunk x D) and to accumulate grad_weight (V x D). Cost: 4 matmuls instead of 3.
+#     per-token log-sum-exp, turns them in place into g * (onehot - softmax) (g: each token's incoming
+#     gradient), and multiplies back to get grad_hidden (chunk x D) and to accumulate grad_weight (V x D).
+#     Cost: 4 matmuls instead of 3.
 #   - frozen head (LoRA): no weight gradient is needed, so the forward pass already computes the
 #     (tokens x D) factor (onehot - softmax) @ W, and the backward only scales it by the incoming gradient.
 #     Cost: 2 matmuls, the same as the naive version.
