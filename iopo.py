@@ -21,8 +21,9 @@ What we simplify or leave out:
 2. The two-term ablations are the MEAN of their two Bradley-Terry terms, so every loss starts at ln 2
    when the policy equals the reference (SPEC writes them as sums; the gradient is halved, nothing else).
 3. The log-prob kernel only scores positions whose label is not `ignore_index`; the others cost nothing.
-4. Reference log-probs come from the starting weights and are cached once per (data, tokenizer, weights and
-   config, max_len, dtype, packing: reference_cache_key); the reference never changes during training, as in the paper.
+4. Reference log-probs come from the starting weights, computed once before training and cached on disk under
+   a key of everything they depend on (reference_cache_key; --ref-on-the-fly scores each batch instead); the
+   reference never changes during training, as in the paper.
 5. Under --fsdp a checkpoint is gathered whole on rank 0 (one file set, the same as without FSDP, resumable
    with or without it), not written as shards by every process: simple, but rank 0 must hold it all on the CPU.
 6. The toy reproduction trains a tiny model on 9 easy constraint families; it shows the machinery, not
@@ -77,8 +78,9 @@ except ImportError:
 # reduce them to two numbers per token (the log-sum-exp and the target logit) and drop them. The
 # gradient of log p(y) with respect to the logits is (onehot(y) - softmax), so:
 #   - trainable head: the backward recomputes each chunk's logits from the saved hidden states and the
-#     per-token log-sum-exp, turns them in place into g * (onehot - softmax), and multiplies back to get
-#     grad_hidden (chunk x D) and to accumulate grad_weight (V x D). Cost: 4 matmuls instead of 3.
+#     per-token log-sum-exp, turns them in place into g * (onehot - softmax) (g: each token's incoming
+#     gradient), and multiplies back to get grad_hidden (chunk x D) and to accumulate grad_weight (V x D).
+#     Cost: 4 matmuls instead of 3.
 #   - frozen head (LoRA): no weight gradient is needed, so the forward pass already computes the
 #     (tokens x D) factor (onehot - softmax) @ W, and the backward only scales it by the incoming gradient.
 #     Cost: 2 matmuls, the same as the naive version.
@@ -114,7 +116,8 @@ def _chunk_rows(vocab_size, device):
 
 
 def _chunk_lse_target(hidden, weight, labels):
-    """One chunk, PyTorch: (exp(logits - row max) (c, V) float32, log-sum-exp (c,), target logit (c,), row sums (c,))."""
+    """One chunk, PyTorch: (exp(logits - row max) (c, V) float32, log-sum-exp (c,), target logit (c,),
+    row sums (c,))."""
     logits = (hidden @ weight.T).float()  # (c, V)
     target = logits.gather(1, labels[:, None]).squeeze(1)
     row_max = logits.amax(dim=1, keepdim=True)
@@ -433,7 +436,7 @@ def iopo_loss(logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2, ref_logp_y1_x1, re
 
 
 def _iopo_metrics(beta, r11, r12, r22, r21, logp_y1_x1, logp_y2_x1, logp_y2_x2, logp_y1_x2):
-    """Detached batch means: rewards beta*r, margins, and output / input preference accuracies."""
+    """Detached batch means: rewards beta*r, margins, output / input preference accuracies, policy log-probs."""
     m = {
         "rewards/y1_x1": beta * r11, "rewards/y2_x1": beta * r12, "rewards/y1_x2": beta * r21,
         "margins/output_x1": beta * (r11 - r12),  # x1: y1 over y2
@@ -569,11 +572,11 @@ def merged_copy(model):
 class TrainConfig:
     method: str = "iopo"  # sft | dpo | iopo
     model: str = "toy"  # Hugging Face checkpoint folder, or "toy": a from-scratch model and tokenizer trained on --data
-    data: str = ""  # training file: JSONL (or a JSON array) in the method's format, see data.py
-    out: str = "runs/train"  # output folder: metrics.jsonl, checkpoint-N/, final/
+    data: str = ""  # training file (required): JSONL (or a JSON array) in the method's format, see data.py
+    out: str = "runs/train"  # output folder (metrics.jsonl, checkpoint-N/, final/, ...); reference cache: ../ref_cache/
     lr: float = 0.0  # peak learning rate; 0 means the paper's: 1e-4 for SFT, 5e-6 for DPO and IOPO
-    epochs: float = 3.0  # passes over the data (the paper: 3), rounded up to whole steps; ignored when max_steps > 0
-    max_steps: int = 0  # optimizer steps to run; 0 means derive them from epochs
+    epochs: float = 3.0  # passes over the data (the paper: 3), rounded up to whole steps; ignored when --max-steps > 0
+    max_steps: int = 0  # optimizer steps to run; 0 means derive them from --epochs
     batch_size: int = 1  # instructions per micro-batch over all processes (IOPO: 4 sequences each, DPO: 2, SFT: 1)
     grad_accum: int = 8  # micro-batches per optimizer step (the released config: 1 x 8)
     warmup_ratio: float = 0.1  # share of the steps spent warming up linearly, then cosine decay to 0
@@ -585,7 +588,7 @@ class TrainConfig:
     variant: str = "full"  # IOPO loss: full | no_input_pref | no_output_pref | three_seq
     max_len: int = 1024  # tokens per sequence; longer examples are cut like the authors' code (data.py)
     group_by_length: bool = False  # batch examples of similar length together (less padding; order less random)
-    seed: int = 0  # seeds the model init (toy), LoRA's A matrices, the data order and dropout
+    seed: int = 0  # seeds the model init (toy), LoRA's A matrices, the held-out draw, the data order, dropout
     dtype: str = "float32"  # float32, or bfloat16: autocast (LoRA: the frozen base, so the saved model, in bfloat16)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     grad_checkpointing: bool = False  # recompute each block in backward: activations of one block instead of all
@@ -600,9 +603,9 @@ class TrainConfig:
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) B A
     lora_dropout: float = 0.0  # dropout on the LoRA input
     ref_on_the_fly: bool = False  # compute reference log-probs at every step instead of once up front
-    ref_batch_size: int = 8  # instructions per batch when precomputing reference log-probs
-    eval_every: int = 0  # evaluate the loss on the held-out slice every N steps (0: never)
-    eval_size: int = 0  # examples held out from --data for that evaluation
+    ref_batch_size: int = 8  # instructions per batch of the reference pass before training (or over the held-out set)
+    eval_every: int = 0  # evaluate the loss on the --eval-size held-out examples every N steps (0: never)
+    eval_size: int = 0  # examples held out from --data for that evaluation (drawn with --seed)
     save_every: int = 0  # write a resumable checkpoint every N steps (0: only the final model)
     keep_checkpoints: int = 0  # keep the newest N checkpoints; older ones go once a new one is complete (0: all)
     resume: str = ""  # checkpoint (or output folder: its latest) to continue with its saved settings (see below)
@@ -985,9 +988,10 @@ def load_trainer_state(path, optimizer, sampler, rank=0, device=None):
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    # rng.cuda.<device> in device order (not rng.cuda.rank<r>, below); a machine with fewer GPUs takes the first ones
+    devices = sorted(int(k.rsplit(".", 1)[1]) for k in tensors if re.fullmatch(r"rng\.cuda\.\d+", k))
+    if devices and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in devices][:torch.cuda.device_count()])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     if f"rng.cpu.rank{rank}" in tensors:  # under torchrun each process continues with its own generators
@@ -1276,7 +1280,7 @@ def check_settings(cfg, resuming):
 
 def stale_outputs(cfg, resume_dir, resume_step):
     """[(path, why)] that this run removes from --out once its data has been read. A folder that holds an
-    earlier run (metrics.jsonl, checkpoint-N) is an error without --overwrite, since its checkpoints would
+    earlier run (metrics.jsonl, final/, checkpoint-N) is an error without --overwrite, since its checkpoints would
     stay mixed with this run's; with it, they all go. --resume OUT --out OUT from an older checkpoint drops
     the later checkpoints: they belong to the abandoned steps."""
     out = Path(cfg.out)
@@ -1515,7 +1519,8 @@ def train(cfg, given=()):
                 (loss * (weight / cfg.grad_accum)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * (weight / cfg.grad_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
+                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         row, n_tokens = step_metrics(sums, grad_norm, n_tokens, world)
         row = {"step": step + 1, **row, "lr": lr}
         if not all(math.isfinite(v) for v in row.values()):
@@ -1571,14 +1576,14 @@ def train(cfg, given=()):
 class ToyConfig:
     out: str = "runs/toy"  # everything goes under OUT/seed{seed}/
     seed: int = 0  # one seed drives the data, the model init and the data order
-    n_train: int = 2000  # synthetic training instructions for SFT
+    n_train: int = 2000  # synthetic training instructions: SFT uses all, DPO and IOPO the first ones (--pref-steps)
     n_eval: int = 200  # evaluation items (drawn apart; many one-constraint prompts also occur in training)
     preset: str = "tiny"  # model.PRESETS size of the from-scratch model
     vocab: int = 1024  # tokenizer vocabulary
     sft_steps: int = 1200  # SFT optimizer steps (copying keywords from the prompt appears after ~1000)
     sft_lr: float = 6e-3  # SFT peak learning rate (a from-scratch toy wants far more than the paper's 1e-4)
     sft_batch: int = 16  # instructions per SFT step
-    pref_steps: int = 200  # DPO / IOPO optimizer steps, one pass over the first pref_steps * pref_batch instructions
+    pref_steps: int = 200  # DPO / IOPO optimizer steps: one pass over the first --pref-steps x --pref-batch items
     pref_lr: float = 1e-4  # DPO / IOPO peak learning rate
     pref_batch: int = 8  # instructions per DPO / IOPO step (IOPO: 4 sequences each, DPO: 2)
     beta: float = 0.1  # DPO / IOPO beta
@@ -1672,7 +1677,8 @@ def toy_summary(out):
         except ValueError as e:
             raise ValueError(f"{f}: not JSON ({e})") from None
         if not isinstance(results, dict) or not results or not all(
-                isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in keys) for m in results.values()):
+                isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in keys)
+                for m in results.values()):
             raise ValueError(f"{f}: not a toy results.json ({{method: {{metric: number}}}} with {', '.join(keys)})")
         runs[int(seed)] = results
     runs = dict(sorted(runs.items()))
@@ -1680,7 +1686,8 @@ def toy_summary(out):
         raise ValueError(f"{out}: no seed*/results.json (run `python iopo.py toy --seed S --out {out}` first)")
     labels = list(dict.fromkeys(label for results in runs.values() for label in results))
     # mean ± sample standard deviation; one value has no spread to show
-    spread = lambda xs: f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")  # noqa: E731
+    spread = lambda xs: (f"{statistics.mean(xs):.1f}"  # noqa: E731
+                         + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else ""))
     lines = [f"Seeds: {', '.join(map(str, runs))}; mean ± standard deviation over the seeds", "",
              "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for label in labels:
@@ -1704,8 +1711,8 @@ def toy_summary(out):
 
 def _add_dataclass_args(parser, cls, skip=()):
     """One --flag per dataclass field (--flag / --no-flag for booleans), its help taken from the field's
-    trailing comment. No argparse defaults: parsing returns only the flags on the command line, and the
-    dataclass fills in the rest (so --resume knows which settings were typed)."""
+    trailing comment, then the field's default. No argparse defaults: parsing returns only the flags on the
+    command line, and the dataclass fills in the rest (so --resume knows which settings were typed)."""
     help_text = dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
     for f in fields(cls):
         if f.name in skip:
@@ -1713,11 +1720,11 @@ def _add_dataclass_args(parser, cls, skip=()):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text.get(f.name, ""))
+                                help=f"{help_text.get(f.name, '')} (default: {'on' if f.default else 'off'})")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                                help=f"{help_text.get(f.name, '')} (default: {f.default})")
+            default = f" (default: {f.default})" if f.default != "" else ""  # --data, --resume: none
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text.get(f.name, "") + default)
 
 
 def _parser():

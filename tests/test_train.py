@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import iopo
 import model as M
-from data import DataError, EncodedDataset, RecordFile
+from data import BatchSampler, DataError, EncodedDataset, RecordFile
 
 WORDS = "apple river mountain cloud green blue quick slow happy tiny large music garden story".split()
 
@@ -319,6 +319,31 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path):
     with pytest.raises(ValueError) as info:
         iopo.start_log(tmp_path / "run", cfg, 2)
     assert str(info.value).startswith(f"{log}:2: not valid JSON"), str(info.value)
+
+
+def test_resume_restores_the_cuda_generators_device_by_device(tmp_path, monkeypatch):
+    """A checkpoint of GPU processes holds per-device states (rng.cuda.0 ... rng.cuda.10) and per-process ones
+    (rng.cuda.rank0, rng.cuda.rank1): set_rng_state_all gets the per-device ones only, in device order, and no
+    more than this machine has (were 13 states, in string order: an IndexError past the last device)."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.AdamW(params)
+    sampler = BatchSampler(4, 2, seed=0)
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    state = {"step": 1, "sampler": sampler.state_dict(), "param_groups": optimizer.state_dict()["param_groups"],
+             "python_rng": random.getstate(), "config": {}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    tensors = {f"rng.cuda.{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(11)}
+    tensors.update({f"rng.cuda.rank{r}": torch.full((4,), 100 + r, dtype=torch.uint8) for r in range(2)})
+    save_file({"rng.torch": torch.get_rng_state(), **tensors}, checkpoint / "trainer_state.safetensors")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append([int(s[0]) for s in states]))
+    for devices in (11, 2):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=devices: n)
+        assert iopo.load_trainer_state(checkpoint, optimizer, sampler) == 1
+        got = restored.pop()
+        assert got == list(range(devices)), f"{devices} devices: restored the states of {got}"
 
 
 def test_damaged_lora_adapters_are_an_error_naming_the_file(tiny_model, tmp_path):
