@@ -344,6 +344,7 @@ def test_iopo_masks_on_all_four_sequences(tok):
     (300, 100, 100, (75, 25)),   # both over half: floor(100 * 100/400) = 25 for the response
     (60, 50, 100, (55, 45)),     # floor(100 * 50/110) = 45
     (50, 90, 100, (36, 64)),     # a prompt of exactly half is not under half: floor(100 * 90/140) = 64
+    (60, 70, 100, (47, 53)),     # floor(100 * 70/130) = floor(53.8) = 53: floored, not rounded
 ])
 def test_infer_seqlen_hand_cases(source, target, cutoff, expected):
     """infer_seqlen follows LLaMA-Factory's three cases."""
@@ -361,6 +362,8 @@ def test_dpo_truncation_cuts_both_to_equal_lengths():
     assert stats.truncated == 1 and stats.examples == 1, stats
     D.encode_dpo(CharTok(), ex, max_len=190, stats=stats)
     assert stats.truncated == 1, "160 ids fit in 190: no cut"
+    D.encode_dpo(CharTok(), ex, max_len=160, stats=stats)
+    assert stats.truncated == 1, f"160 ids fit in exactly 160: no cut, but {stats.truncated - 1} counted"
 
 
 def test_iopo_truncation_cuts_both_prompts_and_both_responses():
@@ -374,6 +377,19 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     assert (stats.truncated, stats.cut_ties) == (1, 0), f"cut prompts still differ, so no tie: {stats}"
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
 
+
+
+def test_encode_stats_count_every_sequence_of_a_pair(tok):
+    """EncodeStats sums scored and masked tokens over both answers of a DPO pair (CharTok: prompt 5 + 19 ids,
+    answers 2 + 1 and 1 + 1 ids), and counts a seam merge in the rejected answer as well as in the chosen one."""
+    stats = D.EncodeStats()
+    ex = {"prompt": [{"role": "user", "content": "aaaaa"}], "chosen": "bb", "rejected": "c"}
+    D.encode_dpo(CharTok(), ex, stats=stats)
+    assert (stats.scored_tokens, stats.masked_tokens) == (3 + 2, 24 + 24), stats
+    merged = D.EncodeStats()
+    D.encode_dpo(tok, {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "It is cold.",
+                       "rejected": "\nIt is cold."}, stats=merged)
+    assert merged.boundary_merges == 1, f"the rejected answer starts with '\\n' and merges: {merged}"
 
 def test_truncation_that_makes_sequences_equal_is_counted():
     """Prompts that differ only in their last characters become equal once their heads are kept: counted."""
@@ -454,6 +470,9 @@ def test_drop_last_drops_the_short_batch():
     sampler = D.BatchSampler(10, 3, seed=0, drop_last=True)
     sizes = [len(b) for b in sampler]
     assert sizes == [3, 3, 3] and len(sampler) == 3, (sizes, len(sampler))
+    whole = D.BatchSampler(9, 3, seed=0, drop_last=True)
+    sizes = [len(b) for b in whole]
+    assert sizes == [3, 3, 3] and len(whole) == 3, f"9 in batches of 3 leave no short batch to drop: {sizes}"
 
 
 def test_holdout_split_draws_with_its_seed():
@@ -498,6 +517,15 @@ def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     assert ds.select(range(3)).indices == [0, 1, 2] and ds.lengths()[5] > ds.lengths()[0]
     assert ds.scan().examples == 6
 
+
+
+def test_select_of_a_selection_keeps_its_examples(tok):
+    """Selecting from a view (as holdout_split of a train split does) indexes the view, not the whole dataset."""
+    examples = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": "Yes.", "rejected": "No."}
+                for i in range(6)]
+    ds = D.EncodedDataset(examples, "dpo", tok)
+    view = ds.select([3, 4, 5]).select([0, 2])
+    assert view.indices == [3, 5] and view[1] == ds[5], f"positions 0 and 2 of [3, 4, 5] gave {view.indices}"
 
 def test_dataset_error_names_the_line(tmp_path, tok):
     """An encoding error inside the dataset names the file and line of the record."""
