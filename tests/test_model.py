@@ -353,6 +353,17 @@ def edit_weights(d, fn, file="model.safetensors"):
     save_file(weights, d / file)
 
 
+
+def test_tied_checkpoint_may_store_a_head_copy(tmp_path):
+    """A tied checkpoint that also stores lm_head.weight loads and ignores the copy (as transformers does): the head
+    is the embedding matrix, and the logits stay transformers'."""
+    d = copy_fixture("qwen2_bias_tied_linear", tmp_path)
+    edit_weights(d, lambda w: w.__setitem__("lm_head.weight", torch.zeros_like(w["model.embed_tokens.weight"])))
+    model = M.load_model(d)
+    expected = load_file(d / "expected.safetensors")
+    diff = (logits_of(model, expected["input_ids"]) - expected["logits"]).abs().max().item()
+    assert model.lm_head.weight is model.model.embed_tokens.weight and diff <= 1e-4, f"max abs logit diff {diff:.3g}"
+
 def test_error_missing_tensor(tmp_path):
     """A missing tensor is named together with the folder."""
     d = copy_fixture("llama_gqa_untied", tmp_path)
@@ -472,6 +483,14 @@ def test_default_system_message_with_braces_and_escapes(tmp_path):
     assert tok.render_chat([{"role": "user", "content": "What is 1+1?"}]) == want
 
 
+
+def test_llama31_system_message_is_trimmed():
+    """Llama 3.1's template trims the system message (|trim) as it trims every turn: spaces around it change nothing."""
+    tok = M.load_tokenizer(FIXTURES / "chat" / "llama3_1")
+    plain = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    spaced = tok.render_chat([{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "Hi"}])
+    assert spaced == plain, f"{spaced!r} != {plain!r}"
+
 def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
     """chat_template.jinja replaces tokenizer_config.json's chat_template, as transformers loads them."""
     templates = json.loads((FIXTURES / "chat" / "templates.json").read_text())
@@ -569,6 +588,19 @@ def context_model(config):
                 p.normal_(0, 1.0 if "embed_tokens" in name else p.shape[1] ** -0.5)
     return model
 
+
+
+def test_cache_chunk_without_padding_stays_causal(tiny_config):
+    """With no padding mask, a prefill then a four-token chunk through the cache give the full forward's hidden
+    states: inside the chunk each token sees only the ones before it."""
+    model = context_model(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = M.KVCache(model, 2, 10)
+        stepped = torch.cat([model(ids[:, :6], kv_cache=cache), model(ids[:, 6:], kv_cache=cache)], 1)
+    diff = (stepped - full).abs().max().item()
+    assert diff < 1e-5, f"prefill 6 + chunk 4 vs one full forward: max abs diff {diff:.3g}"
 
 def test_generate_cache_equals_no_cache(tiny_config):
     """Greedy generation with the KV cache gives the same tokens as recomputing the prefix, for ragged prompts."""
