@@ -27,12 +27,16 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
+
+
 def tok_dir(tmp_path_factory):
     """A toy tokenizer folder written by train_tokenizer (vocab 400) on a few sentences."""
     return D.train_tokenizer(CORPUS * 20, 400, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
+
+
 def tok(tok_dir):
     """The toy tokenizer as model.py loads it."""
     return load_tokenizer(tok_dir)
@@ -68,6 +72,7 @@ def write(tmp_path, name, lines):
 
 # -----------------------------------------------------------------------------
 # Readers
+
 
 def test_read_sft_both_layouts(tmp_path):
     """SFT: a messages list and a prompt/response pair give the same normalized record; extra keys stay."""
@@ -171,6 +176,8 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("kind,bad,message", BAD_LINES)
+
+
 def test_error_names_file_line_and_problem(tmp_path, kind, bad, message):
     """A bad record on line 2 raises DataError 'file:2: problem'."""
     path = write(tmp_path, "data.jsonl", [GOOD[kind], bad])
@@ -264,6 +271,7 @@ def test_sniff_kind(tmp_path):
 # -----------------------------------------------------------------------------
 # Encoding, masks, truncation
 
+
 def test_encode_masks_prompt_and_matches_full_render(tok):
     """Prompt ids get -100; response + <|im_end|> are scored; ids equal the whole conversation's prefix."""
     prompt = [{"role": "user", "content": "Write exactly three sentences."}]
@@ -344,7 +352,10 @@ def test_iopo_masks_on_all_four_sequences(tok):
     (300, 100, 100, (75, 25)),   # both over half: floor(100 * 100/400) = 25 for the response
     (60, 50, 100, (55, 45)),     # floor(100 * 50/110) = 45
     (50, 90, 100, (36, 64)),     # a prompt of exactly half is not under half: floor(100 * 90/140) = 64
+    (60, 70, 100, (47, 53)),     # floor(100 * 70/130) = floor(53.8) = 53: floored, not rounded
 ])
+
+
 def test_infer_seqlen_hand_cases(source, target, cutoff, expected):
     """infer_seqlen follows LLaMA-Factory's three cases."""
     assert D.infer_seqlen(source, target, cutoff) == expected
@@ -361,6 +372,8 @@ def test_dpo_truncation_cuts_both_to_equal_lengths():
     assert stats.truncated == 1 and stats.examples == 1, stats
     D.encode_dpo(CharTok(), ex, max_len=190, stats=stats)
     assert stats.truncated == 1, "160 ids fit in 190: no cut"
+    D.encode_dpo(CharTok(), ex, max_len=160, stats=stats)
+    assert stats.truncated == 1, f"160 ids fit in exactly 160: no cut, but {stats.truncated - 1} counted"
 
 
 def test_iopo_truncation_cuts_both_prompts_and_both_responses():
@@ -373,6 +386,19 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     assert got == {"y1_x1": (59, 40), "y2_x1": (59, 41), "y2_x2": (59, 41), "y1_x2": (59, 40)}, got
     assert (stats.truncated, stats.cut_ties) == (1, 0), f"cut prompts still differ, so no tie: {stats}"
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
+
+
+def test_encode_stats_count_every_sequence_of_a_pair(tok):
+    """EncodeStats sums scored and masked tokens over both answers of a DPO pair (CharTok: prompt 5 + 19 ids,
+    answers 2 + 1 and 1 + 1 ids), and counts a seam merge in the rejected answer as well as in the chosen one."""
+    stats = D.EncodeStats()
+    ex = {"prompt": [{"role": "user", "content": "aaaaa"}], "chosen": "bb", "rejected": "c"}
+    D.encode_dpo(CharTok(), ex, stats=stats)
+    assert (stats.scored_tokens, stats.masked_tokens) == (3 + 2, 24 + 24), stats
+    merged = D.EncodeStats()
+    D.encode_dpo(tok, {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "It is cold.",
+                       "rejected": "\nIt is cold."}, stats=merged)
+    assert merged.boundary_merges == 1, f"the rejected answer starts with '\\n' and merges: {merged}"
 
 
 def test_truncation_that_makes_sequences_equal_is_counted():
@@ -389,6 +415,7 @@ def test_truncation_that_makes_sequences_equal_is_counted():
 
 # -----------------------------------------------------------------------------
 # Collation and batching
+
 
 def seq(prompt, response):
     return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
@@ -454,6 +481,9 @@ def test_drop_last_drops_the_short_batch():
     sampler = D.BatchSampler(10, 3, seed=0, drop_last=True)
     sizes = [len(b) for b in sampler]
     assert sizes == [3, 3, 3] and len(sampler) == 3, (sizes, len(sampler))
+    whole = D.BatchSampler(9, 3, seed=0, drop_last=True)
+    sizes = [len(b) for b in whole]
+    assert sizes == [3, 3, 3] and len(whole) == 3, f"9 in batches of 3 leave no short batch to drop: {sizes}"
 
 
 def test_holdout_split_draws_with_its_seed():
@@ -484,6 +514,7 @@ def test_group_by_length_cuts_padding():
 # -----------------------------------------------------------------------------
 # Datasets, tokenizer, real samples, command line
 
+
 def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     """Nothing is tokenized until accessed; a second access comes from the cache; select and holdout share it."""
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i + 1), "rejected": "No."} for i in range(6)]
@@ -497,6 +528,15 @@ def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     assert len(train) == 4 and len(held) == 2 and sorted(train.indices + held.indices) == list(range(6))
     assert ds.select(range(3)).indices == [0, 1, 2] and ds.lengths()[5] > ds.lengths()[0]
     assert ds.scan().examples == 6
+
+
+def test_select_of_a_selection_keeps_its_examples(tok):
+    """Selecting from a view (as holdout_split of a train split does) indexes the view, not the whole dataset."""
+    examples = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": "Yes.", "rejected": "No."}
+                for i in range(6)]
+    ds = D.EncodedDataset(examples, "dpo", tok)
+    view = ds.select([3, 4, 5]).select([0, 2])
+    assert view.indices == [3, 5] and view[1] == ds[5], f"positions 0 and 2 of [3, 4, 5] gave {view.indices}"
 
 
 def test_dataset_error_names_the_line(tmp_path, tok):
