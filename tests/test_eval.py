@@ -27,6 +27,11 @@ IFEVAL_CASES = [
     # "#" is not a letter: the official code checks a random letter, we give its most likely verdict
     ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"},
      "The quick brown fox jumps over the lazy dog", True, True),
+    # 13 of the 26 letters is a tie, not most of them: not followed; 14 letters are most
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"}, "abcdefghijklm",
+     False, False),
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"}, "abcdefghijklmn",
+     True, True),
     ("keywords:letter_frequency", {"letter": "#", "let_frequency": 1, "let_relation": "at least"}, "#####", False, False),
     ("language:response_language", {"language": "ko"}, "날씨가 좋아서 우리는 시장에 갔습니다.", True, True),
     ("language:response_language", {"language": "ko"}, "The weather was nice so we went out.", False, False),
@@ -53,6 +58,7 @@ IFEVAL_CASES = [
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\np.s. bye", True, True),
     ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Hi.\nP. P. S. later", True, True),
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi. PS bye", False, False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\np.s bye", False, False),  # needs "s."
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi.\nP.S. bye\nSee you.", True, True),  # not last line
     ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "* a\n  - b\n---", True, True),  # "---" counts
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "**Bold**\n* a\n* b\n1. c", True, True),
@@ -68,6 +74,8 @@ IFEVAL_CASES = [
      "Section 1\nfoo\nSection 2\nbar", False, False),  # case-sensitive
     ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
      "SECTION 1\na\nSECTION 2\nb\nSECTION 3\nc", True, True),  # at least
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nonly one", False, False),  # split gives 2 pieces: the text before the first marker is no section
     ("detectable_format:json_format", {}, "```json\n{\"a\": 1}\n```", True, True),
     ("detectable_format:json_format", {}, "Here you go:\n{\"a\": 1}", False, True),  # loose drops the first line
     ("detectable_format:json_format", {}, "[" * 5000, False, False),  # too deep for the parser: not JSON, no crash
@@ -165,6 +173,15 @@ def test_sentence_counts_match_punkt(text, n):
     assert len(got) == n, f"{text!r}: {len(got)} sentences {got}, NLTK gives {n}"
 
 
+def test_a_number_and_its_learned_collocate_are_not_a_break():
+    """Punkt's collocation rule (Kiss & Strunk 4.1.2): "5. Notable" is a pair NLTK's English table learned, so no
+    break follows the "5."; a number before another capitalised word still ends a sentence (NLTK 3.10.4's
+    sent_tokenize splits both texts so)."""
+    assert ("##number##", "notable") in E._PUNKT_COLLOCATIONS
+    got = E.split_sentences("It rose 5. Notable gains followed."), E.split_sentences("It rose 5. Prices fell.")
+    assert got == (["It rose 5. Notable gains followed."], ["It rose 5.", "Prices fell."]), got
+
+
 def test_word_table_loads_and_bad_tables_name_the_line(tmp_path):
     """punkt_english.txt parses into its two sets; a malformed table is an error naming the file and line."""
     start, lower = E.read_word_table(ROOT / "punkt_english.txt")
@@ -226,6 +243,19 @@ def test_language_is_the_one_most_of_the_text_is_in():
                    "It was a good day for a walk."])
     got = E.detect_language(sw + "\n" + en_line), E.detect_language(en + " " + LANGUAGE_SAMPLES["sw"])
     assert got == ("sw", "en"), got
+    # votes are weighed by length: one long English sentence outweighs two short Swahili ones
+    long_en = ("The committee spent the whole of the long afternoon in the old library discussing how the new rules "
+               "would work for all of the members.")
+    got = E.detect_language(long_en + " Habari za asubuhi. Watu wengi wapo sokoni.")
+    assert got == "en", f"134 English characters against 41 Swahili ones gave {got!r}"
+
+
+def test_latin_letters_count_until_other_characters_outnumber_them_two_to_one():
+    """Like langdetect, Latin letters are dropped only when characters above U+0300 are more than twice as many:
+    17 letters with 34 arrows are still English, with 35 arrows the text has no usable letters."""
+    text = "the cat sat on the mat "  # 17 Latin letters
+    got = E.detect_language(text + "\u2192" * 34), E.detect_language(text + "\u2192" * 35)
+    assert got == ("en", None), f"17 letters with 34 / 35 arrows: {got}"
 
 
 def test_short_latin_texts_are_undetermined():
@@ -249,6 +279,12 @@ def test_score_ifeval_format_and_missing_response():
     assert report["missing_responses"] == 1 and report["missing_keys"] == [4], report
     assert report["prompt_level_strict"] == 0.25 and report["prompt_level_loose"] == 0.75, report
     assert report["instruction_level_strict"] == 3 / 6 and report["instruction_level_loose"] == 5 / 6, report
+    # per instruction type: the share of that type's instructions followed (each type occurs once here)
+    met = {"punctuation:no_comma": 1.0, "change_case:english_lowercase": 1.0, "keywords:existence": 1.0,
+           "startend:quotation": 0.0, "detectable_format:number_bullet_lists": 0.0, "detectable_format:title": 0.0}
+    assert report["per_type_strict"] == met, report["per_type_strict"]
+    met.update({"startend:quotation": 1.0, "detectable_format:number_bullet_lists": 1.0})
+    assert report["per_type_loose"] == met, report["per_type_loose"]
 
 
 def test_ifeval_bad_kwargs_name_the_instruction():
@@ -335,6 +371,25 @@ def test_trace_breakdowns_and_missing(toy_trace):
     assert sum(v["n"] for v in report["by_constraint_count"].values()) == len(items)
     expected_if = 100 * (len(items) - 2) / len(items)
     assert report["metrics"]["IF"] == pytest.approx(expected_if), report["metrics"]
+
+
+def test_trace_metrics_on_hand_judged_items():
+    """IF-S, IF-M, IF and CFBench's scores on five items judged by hand; a spec without a priority is primary.
+
+    s1 [pass], s2 [fail, no priority], m1 [pass P, fail S], m2 [pass, pass], m3 [fail, fail]:
+    IF-S 1/2, IF-M 1/3, IF 2/5, CSR (1 + 0 + 0.5 + 1 + 0) / 5, ISR 2/5, PSR (1 + 0 + 0 + 1 + 0) / 5.
+    """
+    comma = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}}
+    quotes = {"dimension": "Output Format", "type": "Format", "family": "quotes_wrap", "params": {}}
+    P, S = dict(comma, priority="primary"), dict(quotes, priority="secondary")
+    items = [{"id": "s1", "checks": [P]}, {"id": "s2", "checks": [comma]}, {"id": "m1", "checks": [P, S]},
+             {"id": "m2", "checks": [P, S]}, {"id": "m3", "checks": [P, S]}]
+    rows = E.judge_trace(items, ["Plain text.", "a, b.", "Plain text.", '"Plain."', "a, b."])
+    assert [r["verdicts"] for r in rows] == [[True], [False], [True, False], [True, True], [False, False]], rows
+    assert rows[1]["priorities"] == ["primary"], rows[1]["priorities"]
+    got = E.trace_report(rows)["metrics"]
+    want = {"IF-S": 50.0, "IF-M": 100 / 3, "IF": 40.0, "CSR": 50.0, "ISR": 40.0, "PSR": 40.0}
+    assert got == pytest.approx(want), got
 
 
 def test_trace_malformed_spec_names_item():

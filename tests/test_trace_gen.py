@@ -101,6 +101,15 @@ def test_revise_gives_valid_quadruple_for_family(name):
     assert made >= 3, f"{name}: only {made} of 5 REVISE edits verified"
 
 
+def test_a_revised_word_range_lies_above_the_old_one():
+    """REVISE of word_range moves the range wholly above the old one, so that every answer the old range allowed
+    (the longest included) fails the new one."""
+    fam = tg.FAMILIES["word_range"]
+    for seed in range(20):
+        new = fam.revise(random.Random(seed), {"lo": 20, "hi": 80}, {}, y1="")
+        assert 80 < new["lo"] <= new["hi"], f"seed {seed}: 20-80 revised to {new}"
+
+
 @pytest.mark.parametrize("op", ["ADD", "DELETE", "REVISE"])
 def test_edit_operator_yields_valid_quadruple(op):
     """Each edit operator gives quadruples whose matched pairs pass and crossed pairs fail, with a full edit record."""
@@ -159,6 +168,7 @@ def test_quality_control_rejects_conflicts():
         (spec("word_range", lo=20, hi=80), spec("word_max", n=200), "redundant"),
         (spec("word_range", lo=60, hi=80), spec("word_max", n=50), "contradiction"),
         (spec("word_range", lo=20, hi=80), spec("word_range", lo=100, hi=200), "contradiction"),
+        (spec("word_range", lo=60, hi=80), spec("word_max", n=60), "redundant"),  # 60 words meet both
         (spec("start_word", word="Sure"), spec("start_word", word="Well"), "contradiction"),
         (spec("include_keywords", keywords=["river"]), spec("include_keywords", keywords=["river"]), "redundant"),
         (spec("include_keywords", keywords=["very"]), spec("exclude_words", words=["very"]), "contradiction"),
@@ -300,6 +310,12 @@ HAND_VERDICTS = [
      "the phrase across a line break, inside quotes"),
     ("start_word", {"word": "Well"}, "Well-known tips follow.", False, "'Well-known' does not start with 'Well'"),
     ("json_wrap", {"key": "Answer"}, '{"answer": "x"}', True, "the key in any case, the spec's too"),
+    ("start_word", {"word": "Sure"}, "...Sure, here it is.", False,
+     "only spaces, quotes and markdown marks may come before the first word"),
+    ("template_fields", {"labels": ["Topic", "Summary", "Rating"]}, "Topic: tea\nSummary: x\nRating: y", True,
+     "the first label on the very first line"),
+    ("exclude_words", {"words": ["very"]}, '{"answer": "Fine.", "note": "very"}', False,
+     "a JSON answer with two keys is judged as written, all of it"),
 ]
 
 
@@ -317,6 +333,9 @@ def test_words_and_sentences_are_counted_as_a_reader_counts_them():
     assert tg.count_words("Write to ana@example.com or call 555-0142. P.S. thanks — done") == 9
     text = "<<A Guide>>\n## Steps\nFirst one. Second one!\n- apples\n- Pears keep well.\nSources:\n[1] Notes.\nP.S. Go on."
     assert tg.split_sentences(text) == ["First one.", "Second one!", "- Pears keep well.", "P.S. Go on."]
+    for abbr in ("e.g.", "i.e."):  # each on its own: the other's presence must not be what protects it
+        got = tg.split_sentences(f"Drink tea, {abbr} green tea. It is calm.")
+        assert got == [f"Drink tea, {abbr} green tea.", "It is calm."], f"{abbr}: {got}"
     c = lambda fam, r, **p: tg.check({"family": fam, "params": p}, r)
     answer = '{"answer": "Intro.\\nVery nice indeed."}'
     assert not c("exclude_words", answer, words=["very"]) and c("sentence_min", answer, n=2)
