@@ -155,6 +155,13 @@ def test_ftx_term_by_hand():
     assert abs(iopo.ftx_term(l11, n1).item() - 2.0) < 1e-6, iopo.ftx_term(l11, n1).item()
 
 
+def test_ftx_term_with_an_empty_matched_answer_is_finite():
+    """A matched answer with no scored token (sum 0, count 0) counts as one token in either place: 0.0, not 0 / 0."""
+    empty, count = torch.tensor([0.0]), torch.tensor([0])
+    for args in ((empty, count), (empty, count, empty, count)):
+        term = iopo.ftx_term(*args).item()
+        assert term == 0.0, f"ftx term over {len(args) // 2} empty answer(s): {term}, expected 0.0"
+
 def test_loss_arguments_are_checked():
     """Inputs that would broadcast into a wrong number, and beta / label smoothing out of range, are refused:
     a (B, 1) reference against (B,) sums used to give a (B, B) loss, a (T,) mask against (R, T) log-probs a
