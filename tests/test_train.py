@@ -567,6 +567,51 @@ def test_ftx_term_divides_by_the_matched_answers_own_length():
     assert abs(loss.item() - expected.item()) < 1e-6, f"iopo + ftx {loss.item()}, expected {expected.item()}"
 
 
+def test_sequence_sums_count_a_row_scored_to_its_last_position():
+    """A row scored up to its last position (a template with nothing after the end-of-turn token, or an answer cut
+    by --max-len) counts all 7 of its labels, not 6: sums -7 and -4, counts 7 and 2."""
+    token_logps, labels = _rows([7, 2])
+    sums, n = iopo.sequence_sums(iopo.TrainConfig(method="dpo"), token_logps, labels)
+    assert sums.tolist() == [-7.0, -4.0] and n.tolist() == [7, 2], f"sums {sums.tolist()}, counts {n.tolist()}"
+
+
+def test_sft_training_loss_counts_a_row_scored_to_its_last_position():
+    """SFT's training loss and its denominator read the labels after the first position: rows scoring 7 tokens of
+    log-prob -1 and 2 of -2 give (7 + 4) / 9, and sft_denominator counts 9."""
+    token_logps, labels = _rows([7, 2])
+    loss, _ = iopo.method_loss(iopo.TrainConfig(method="sft"), token_logps, labels, None)
+    assert abs(loss.item() - 11 / 9) < 1e-6, f"sft loss {loss.item()}, expected {11 / 9}"
+    n = iopo.sft_denominator({"labels": labels}, 1.0, 1).item()
+    assert n == 9.0, f"sft denominator {n}, expected 9 scored tokens"
+
+
+def test_gradient_accumulation_averages_the_micro_batches(toy_dir, tmp_path):
+    """One DPO step over 4 examples as 2 micro-batches of 2 logs the loss and gradient norm of 1 micro-batch of 4:
+    each micro-batch's loss is divided by --grad-accum before backward (a summed gradient is clipped differently)."""
+    folder, paths, base = toy_dir
+    rows = {}
+    for accum in (1, 2):
+        iopo.train(config(base, paths["dpo"], tmp_path / f"accum{accum}", "dpo", max_steps=1, batch_size=4 // accum,
+                          grad_accum=accum))
+        rows[accum] = losses(tmp_path / f"accum{accum}")[0]
+    for key in ("loss", "grad_norm"):
+        assert rows[2][key] == pytest.approx(rows[1][key], rel=1e-5), \
+            f"{key}: {rows[2][key]} with 2 micro-batches of 2, {rows[1][key]} with 1 of 4"
+
+
+def test_scorer_scores_each_token_from_the_tokens_before_it(tiny_model):
+    """Scorer's log-prob of label t is log_softmax of the logits after a forward pass over ids[:t] alone (the hidden
+    state of position t - 1); prompt positions give 0."""
+    ids = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    with torch.no_grad():
+        got = iopo.Scorer(tiny_model)(ids, torch.ones_like(ids), labels)[0]  # (T-1,)
+        for t in range(4, 10):
+            want = torch.log_softmax(tiny_model.logits(tiny_model(ids[:, :t]))[0, -1], -1)[ids[0, t]].item()
+            assert abs(got[t - 1].item() - want) < 1e-5, f"label {t}: Scorer {got[t - 1].item()}, prefix pass {want}"
+    assert got[:3].tolist() == [0.0] * 3, f"prompt positions {got[:3].tolist()}"
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
 def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, method):
     """Step 1 logs the starting model's loss: DPO / IOPO ln 2 (policy == reference; 2 micro-batches are averaged,
