@@ -58,6 +58,8 @@ def test_dpo_by_hand():
     ("no_output_pref", 0.5555770609),  # r11 - r21 = 4, r22 - r12 = 2: (log(1 + e^-0.4) + log(1 + e^-0.2)) / 2
     ("three_seq", 0.4031860489),  # 2 r11 - r12 - r21 = 7: log(1 + e^-0.7)
 ])
+
+
 def test_iopo_by_hand(variant, expected):
     """Each IOPO variant on r11 = 2, r12 = -1, r22 = 1, r21 = -2, beta = 0.1, against numbers worked out by hand."""
     loss, m = iopo.iopo_loss(**_hand_quads(), beta=0.1, variant=variant)
@@ -153,6 +155,14 @@ def test_ftx_term_by_hand():
     expected = ((2 + 2) + (2 + 4)) / 2  # row 0: 10/5 + 8/4; row 1: 6/3 + 4/1
     assert abs(term.item() - expected) < 1e-6, f"ftx {term.item()} vs {expected}"
     assert abs(iopo.ftx_term(l11, n1).item() - 2.0) < 1e-6, iopo.ftx_term(l11, n1).item()
+
+
+def test_ftx_term_with_an_empty_matched_answer_is_finite():
+    """A matched answer with no scored token (sum 0, count 0) counts as one token in either place: 0.0, not 0 / 0."""
+    empty, count = torch.tensor([0.0]), torch.tensor([0])
+    for args in ((empty, count), (empty, count, empty, count)):
+        term = iopo.ftx_term(*args).item()
+        assert term == 0.0, f"ftx term over {len(args) // 2} empty answer(s): {term}, expected 0.0"
 
 
 def test_loss_arguments_are_checked():

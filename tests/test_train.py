@@ -38,6 +38,8 @@ def write_data(folder, n=16, seed=0):
 
 
 @pytest.fixture(scope="module")
+
+
 def toy_dir(tmp_path_factory):
     """Data files plus a tiny from-scratch model and tokenizer trained on them (the --model toy path)."""
     folder = tmp_path_factory.mktemp("train")
@@ -59,6 +61,8 @@ def losses(out):
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
+
+
 def test_each_method_learns_and_moves_every_weight(toy_dir, tmp_path, method):
     """A few full fine-tuning steps on one fixed batch lower the loss, raise the margin and change every weight."""
     folder, paths, base = toy_dir
@@ -104,6 +108,8 @@ def test_lora_disabled_equals_base_and_only_adapters_train(toy_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method,lora_rank,variant", [("dpo", 0, "full"), ("dpo", 4, "full"), ("iopo", 0, "three_seq")])
+
+
 def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank, variant):
     """Reference log-probs computed once and cached give the same run (and held-out losses) as per-step ones
     (three_seq: the per-step reference needs the (x2, y2) rows that the policy's batch leaves out)."""
@@ -120,6 +126,8 @@ def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank
 
 
 @pytest.mark.parametrize("method", ["sft", "iopo"])
+
+
 def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
     """evaluate_loss over 7 examples gives the same loss and metrics in batches of 3 (3 + 3 + 1) as in one
     batch: DPO / IOPO average over examples, SFT over response tokens (a mean of batch means would not)."""
@@ -134,6 +142,8 @@ def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
 
 
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
+
+
 def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run
     (SFT with --group-by-length). The reference cache is deleted first, so the resumed run recomputes it from the
@@ -204,6 +214,8 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--variant", "three_seq"], "--variant chooses among IOPO's losses: it applies to iopo, not sft"),
     (["--eval-size", "100000", "--eval-every", "1"], r"--eval-size 100000 would hold out all \d+ examples of"),
 ])
+
+
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
     folder, paths, base = toy_dir
@@ -567,7 +579,54 @@ def test_ftx_term_divides_by_the_matched_answers_own_length():
     assert abs(loss.item() - expected.item()) < 1e-6, f"iopo + ftx {loss.item()}, expected {expected.item()}"
 
 
+def test_sequence_sums_count_a_row_scored_to_its_last_position():
+    """A row scored up to its last position (a template with nothing after the end-of-turn token, or an answer cut
+    by --max-len) counts all 7 of its labels, not 6: sums -7 and -4, counts 7 and 2."""
+    token_logps, labels = _rows([7, 2])
+    sums, n = iopo.sequence_sums(iopo.TrainConfig(method="dpo"), token_logps, labels)
+    assert sums.tolist() == [-7.0, -4.0] and n.tolist() == [7, 2], f"sums {sums.tolist()}, counts {n.tolist()}"
+
+
+def test_sft_training_loss_counts_a_row_scored_to_its_last_position():
+    """SFT's training loss and its denominator read the labels after the first position: rows scoring 7 tokens of
+    log-prob -1 and 2 of -2 give (7 + 4) / 9, and sft_denominator counts 9."""
+    token_logps, labels = _rows([7, 2])
+    loss, _ = iopo.method_loss(iopo.TrainConfig(method="sft"), token_logps, labels, None)
+    assert abs(loss.item() - 11 / 9) < 1e-6, f"sft loss {loss.item()}, expected {11 / 9}"
+    n = iopo.sft_denominator({"labels": labels}, 1.0, 1).item()
+    assert n == 9.0, f"sft denominator {n}, expected 9 scored tokens"
+
+
+def test_gradient_accumulation_averages_the_micro_batches(toy_dir, tmp_path):
+    """One DPO step over 4 examples as 2 micro-batches of 2 logs the loss and gradient norm of 1 micro-batch of 4:
+    each micro-batch's loss is divided by --grad-accum before backward (a summed gradient is clipped differently)."""
+    folder, paths, base = toy_dir
+    rows = {}
+    for accum in (1, 2):
+        iopo.train(config(base, paths["dpo"], tmp_path / f"accum{accum}", "dpo", max_steps=1, batch_size=4 // accum,
+                          grad_accum=accum))
+        rows[accum] = losses(tmp_path / f"accum{accum}")[0]
+    for key in ("loss", "grad_norm"):
+        assert rows[2][key] == pytest.approx(rows[1][key], rel=1e-5), \
+            f"{key}: {rows[2][key]} with 2 micro-batches of 2, {rows[1][key]} with 1 of 4"
+
+
+def test_scorer_scores_each_token_from_the_tokens_before_it(tiny_model):
+    """Scorer's log-prob of label t is log_softmax of the logits after a forward pass over ids[:t] alone (the hidden
+    state of position t - 1); prompt positions give 0."""
+    ids = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    with torch.no_grad():
+        got = iopo.Scorer(tiny_model)(ids, torch.ones_like(ids), labels)[0]  # (T-1,)
+        for t in range(4, 10):
+            want = torch.log_softmax(tiny_model.logits(tiny_model(ids[:, :t]))[0, -1], -1)[ids[0, t]].item()
+            assert abs(got[t - 1].item() - want) < 1e-5, f"label {t}: Scorer {got[t - 1].item()}, prefix pass {want}"
+    assert got[:3].tolist() == [0.0] * 3, f"prompt positions {got[:3].tolist()}"
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
+
+
 def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, method):
     """Step 1 logs the starting model's loss: DPO / IOPO ln 2 (policy == reference; 2 micro-batches are averaged,
     not summed), SFT the NLL per scored response token that evaluate_loss gives over the same 16 examples."""
