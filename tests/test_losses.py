@@ -58,8 +58,6 @@ def test_dpo_by_hand():
     ("no_output_pref", 0.5555770609),  # r11 - r21 = 4, r22 - r12 = 2: (log(1 + e^-0.4) + log(1 + e^-0.2)) / 2
     ("three_seq", 0.4031860489),  # 2 r11 - r12 - r21 = 7: log(1 + e^-0.7)
 ])
-
-
 def test_iopo_by_hand(variant, expected):
     """Each IOPO variant on r11 = 2, r12 = -1, r22 = 1, r21 = -2, beta = 0.1, against numbers worked out by hand."""
     loss, m = iopo.iopo_loss(**_hand_quads(), beta=0.1, variant=variant)
@@ -163,7 +161,6 @@ def test_ftx_term_with_an_empty_matched_answer_is_finite():
     for args in ((empty, count), (empty, count, empty, count)):
         term = iopo.ftx_term(*args).item()
         assert term == 0.0, f"ftx term over {len(args) // 2} empty answer(s): {term}, expected 0.0"
-
 
 def test_loss_arguments_are_checked():
     """Inputs that would broadcast into a wrong number, and beta / label smoothing out of range, are refused:

@@ -38,8 +38,6 @@ def write_data(folder, n=16, seed=0):
 
 
 @pytest.fixture(scope="module")
-
-
 def toy_dir(tmp_path_factory):
     """Data files plus a tiny from-scratch model and tokenizer trained on them (the --model toy path)."""
     folder = tmp_path_factory.mktemp("train")
@@ -61,8 +59,6 @@ def losses(out):
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
-
-
 def test_each_method_learns_and_moves_every_weight(toy_dir, tmp_path, method):
     """A few full fine-tuning steps on one fixed batch lower the loss, raise the margin and change every weight."""
     folder, paths, base = toy_dir
@@ -108,8 +104,6 @@ def test_lora_disabled_equals_base_and_only_adapters_train(toy_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method,lora_rank,variant", [("dpo", 0, "full"), ("dpo", 4, "full"), ("iopo", 0, "three_seq")])
-
-
 def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank, variant):
     """Reference log-probs computed once and cached give the same run (and held-out losses) as per-step ones
     (three_seq: the per-step reference needs the (x2, y2) rows that the policy's batch leaves out)."""
@@ -126,8 +120,6 @@ def test_cached_reference_equals_on_the_fly(toy_dir, tmp_path, method, lora_rank
 
 
 @pytest.mark.parametrize("method", ["sft", "iopo"])
-
-
 def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
     """evaluate_loss over 7 examples gives the same loss and metrics in batches of 3 (3 + 3 + 1) as in one
     batch: DPO / IOPO average over examples, SFT over response tokens (a mean of batch means would not)."""
@@ -142,8 +134,6 @@ def test_heldout_loss_does_not_depend_on_the_batch_size(toy_dir, method):
 
 
 @pytest.mark.parametrize("method,lora_rank", [("iopo", 0), ("dpo", 4), ("sft", 0)])
-
-
 def test_resume_equals_uninterrupted(toy_dir, tmp_path, method, lora_rank):
     """Stopping after step 3 and resuming from that checkpoint logs exactly the losses of the uninterrupted run
     (SFT with --group-by-length). The reference cache is deleted first, so the resumed run recomputes it from the
@@ -214,8 +204,6 @@ def test_out_with_an_earlier_run_needs_resume_or_overwrite(toy_dir, tmp_path):
     (["--variant", "three_seq"], "--variant chooses among IOPO's losses: it applies to iopo, not sft"),
     (["--eval-size", "100000", "--eval-every", "1"], r"--eval-size 100000 would hold out all \d+ examples of"),
 ])
-
-
 def test_bad_settings_stop_before_anything_is_written(toy_dir, tmp_path, flags, message):
     """Out-of-range settings stop with a message naming the flag, and leave no --out folder behind."""
     folder, paths, base = toy_dir
@@ -625,8 +613,6 @@ def test_scorer_scores_each_token_from_the_tokens_before_it(tiny_model):
     assert got[:3].tolist() == [0.0] * 3, f"prompt positions {got[:3].tolist()}"
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
-
-
 def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, method):
     """Step 1 logs the starting model's loss: DPO / IOPO ln 2 (policy == reference; 2 micro-batches are averaged,
     not summed), SFT the NLL per scored response token that evaluate_loss gives over the same 16 examples."""
