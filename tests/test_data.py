@@ -27,16 +27,12 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-
-
 def tok_dir(tmp_path_factory):
     """A toy tokenizer folder written by train_tokenizer (vocab 400) on a few sentences."""
     return D.train_tokenizer(CORPUS * 20, 400, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
-
-
 def tok(tok_dir):
     """The toy tokenizer as model.py loads it."""
     return load_tokenizer(tok_dir)
@@ -72,7 +68,6 @@ def write(tmp_path, name, lines):
 
 # -----------------------------------------------------------------------------
 # Readers
-
 
 def test_read_sft_both_layouts(tmp_path):
     """SFT: a messages list and a prompt/response pair give the same normalized record; extra keys stay."""
@@ -176,8 +171,6 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("kind,bad,message", BAD_LINES)
-
-
 def test_error_names_file_line_and_problem(tmp_path, kind, bad, message):
     """A bad record on line 2 raises DataError 'file:2: problem'."""
     path = write(tmp_path, "data.jsonl", [GOOD[kind], bad])
@@ -271,7 +264,6 @@ def test_sniff_kind(tmp_path):
 # -----------------------------------------------------------------------------
 # Encoding, masks, truncation
 
-
 def test_encode_masks_prompt_and_matches_full_render(tok):
     """Prompt ids get -100; response + <|im_end|> are scored; ids equal the whole conversation's prefix."""
     prompt = [{"role": "user", "content": "Write exactly three sentences."}]
@@ -354,8 +346,6 @@ def test_iopo_masks_on_all_four_sequences(tok):
     (50, 90, 100, (36, 64)),     # a prompt of exactly half is not under half: floor(100 * 90/140) = 64
     (60, 70, 100, (47, 53)),     # floor(100 * 70/130) = floor(53.8) = 53: floored, not rounded
 ])
-
-
 def test_infer_seqlen_hand_cases(source, target, cutoff, expected):
     """infer_seqlen follows LLaMA-Factory's three cases."""
     assert D.infer_seqlen(source, target, cutoff) == expected
@@ -388,6 +378,7 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
 
 
+
 def test_encode_stats_count_every_sequence_of_a_pair(tok):
     """EncodeStats sums scored and masked tokens over both answers of a DPO pair (CharTok: prompt 5 + 19 ids,
     answers 2 + 1 and 1 + 1 ids), and counts a seam merge in the rejected answer as well as in the chosen one."""
@@ -399,7 +390,6 @@ def test_encode_stats_count_every_sequence_of_a_pair(tok):
     D.encode_dpo(tok, {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "It is cold.",
                        "rejected": "\nIt is cold."}, stats=merged)
     assert merged.boundary_merges == 1, f"the rejected answer starts with '\\n' and merges: {merged}"
-
 
 def test_truncation_that_makes_sequences_equal_is_counted():
     """Prompts that differ only in their last characters become equal once their heads are kept: counted."""
@@ -415,7 +405,6 @@ def test_truncation_that_makes_sequences_equal_is_counted():
 
 # -----------------------------------------------------------------------------
 # Collation and batching
-
 
 def seq(prompt, response):
     return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
@@ -514,7 +503,6 @@ def test_group_by_length_cuts_padding():
 # -----------------------------------------------------------------------------
 # Datasets, tokenizer, real samples, command line
 
-
 def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     """Nothing is tokenized until accessed; a second access comes from the cache; select and holdout share it."""
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes." * (i + 1), "rejected": "No."} for i in range(6)]
@@ -530,6 +518,7 @@ def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     assert ds.scan().examples == 6
 
 
+
 def test_select_of_a_selection_keeps_its_examples(tok):
     """Selecting from a view (as holdout_split of a train split does) indexes the view, not the whole dataset."""
     examples = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": "Yes.", "rejected": "No."}
@@ -537,7 +526,6 @@ def test_select_of_a_selection_keeps_its_examples(tok):
     ds = D.EncodedDataset(examples, "dpo", tok)
     view = ds.select([3, 4, 5]).select([0, 2])
     assert view.indices == [3, 5] and view[1] == ds[5], f"positions 0 and 2 of [3, 4, 5] gave {view.indices}"
-
 
 def test_dataset_error_names_the_line(tmp_path, tok):
     """An encoding error inside the dataset names the file and line of the record."""

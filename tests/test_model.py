@@ -31,8 +31,6 @@ def copy_fixture(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-
-
 def test_logits_match_transformers(name):
     """Float32 logits on fixed ids equal transformers' within 1e-4, for every checkpoint kind."""
     expected = load_file(FIXTURES / name / "expected.safetensors")
@@ -42,8 +40,6 @@ def test_logits_match_transformers(name):
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-
-
 def test_left_and_right_padding_match_transformers(name):
     """Left- and right-padded batches give transformers' per-sequence logits at every real token."""
     e = load_file(FIXTURES / name / "expected.safetensors")
@@ -86,8 +82,6 @@ def test_fixture_checkpoints_cover_the_features():
     ("llama3_rope", dict(rope_scaling=None)),
     ("qwen2_bias_tied_linear", dict(rope_scaling=None)),
 ])
-
-
 def test_fixtures_are_sensitive_to_the_feature(name, change):
     """Dropping the window, the per-layer window choice or the RoPE scaling moves logits far from the reference."""
     e = load_file(FIXTURES / name / "expected.safetensors")
@@ -142,8 +136,6 @@ def test_config_layouts_agree():
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0,
       "layer_types": ["full_attention", "sliding_attention"]}, "layer_types .* differs from what sliding_window"),
 ])
-
-
 def test_config_errors(change, message, tmp_path):
     """Unsupported or inconsistent config.json contents are refused with a message naming the file and field."""
     hf = {**json.loads((FIXTURES / "llama_gqa_untied" / "config.json").read_text()), **change}
@@ -236,8 +228,6 @@ def test_gradient_checkpointing_same_gradients(tiny_model, tiny_config):
 
 
 @pytest.mark.parametrize("max_shard_bytes", [2 * 1024**3, 20_000])
-
-
 def test_save_load_round_trip(tiny_model, tiny_config, chatml_tokenizer_dir, tmp_path, max_shard_bytes):
     """save_model then load_model gives the same logits; tied head stored once; sharding and tokenizer files."""
     save_dir = tmp_path / "ckpt"
@@ -363,6 +353,7 @@ def edit_weights(d, fn, file="model.safetensors"):
     save_file(weights, d / file)
 
 
+
 def test_tied_checkpoint_may_store_a_head_copy(tmp_path):
     """A tied checkpoint that also stores lm_head.weight loads and ignores the copy (as transformers does): the head
     is the embedding matrix, and the logits stay transformers'."""
@@ -372,7 +363,6 @@ def test_tied_checkpoint_may_store_a_head_copy(tmp_path):
     expected = load_file(d / "expected.safetensors")
     diff = (logits_of(model, expected["input_ids"]) - expected["logits"]).abs().max().item()
     assert model.lm_head.weight is model.model.embed_tokens.weight and diff <= 1e-4, f"max abs logit diff {diff:.3g}"
-
 
 def test_error_missing_tensor(tmp_path):
     """A missing tensor is named together with the folder."""
@@ -446,8 +436,6 @@ CHAT_KINDS = ["chatml", "qwen2", "qwen2_5", "smollm2", "llama3", "llama3_1"]
 
 
 @pytest.mark.parametrize("kind", CHAT_KINDS)
-
-
 def test_chat_template_ids_match_transformers(kind):
     """apply_chat_template and render_chat equal transformers' output for every committed conversation."""
     tok = M.load_tokenizer(FIXTURES / "chat" / kind)
@@ -468,8 +456,6 @@ def test_chat_template_ids_match_transformers(kind):
     ("llama3", "llama3", None, "<|eot_id|>"),
     ("llama3_1", "llama3", None, "<|eot_id|>"),
 ])
-
-
 def test_tokenizer_family_and_specials(kind, family, default_system, end_of_turn):
     """Family, default system prompt, end-of-turn and eos/pad ids are read from the tokenizer's own files."""
     tok = M.load_tokenizer(FIXTURES / "chat" / kind)
@@ -497,13 +483,13 @@ def test_default_system_message_with_braces_and_escapes(tmp_path):
     assert tok.render_chat([{"role": "user", "content": "What is 1+1?"}]) == want
 
 
+
 def test_llama31_system_message_is_trimmed():
     """Llama 3.1's template trims the system message (|trim) as it trims every turn: spaces around it change nothing."""
     tok = M.load_tokenizer(FIXTURES / "chat" / "llama3_1")
     plain = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     spaced = tok.render_chat([{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "Hi"}])
     assert spaced == plain, f"{spaced!r} != {plain!r}"
-
 
 def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
     """chat_template.jinja replaces tokenizer_config.json's chat_template, as transformers loads them."""
@@ -603,6 +589,7 @@ def context_model(config):
     return model
 
 
+
 def test_cache_chunk_without_padding_stays_causal(tiny_config):
     """With no padding mask, a prefill then a four-token chunk through the cache give the full forward's hidden
     states: inside the chunk each token sees only the ones before it."""
@@ -614,7 +601,6 @@ def test_cache_chunk_without_padding_stays_causal(tiny_config):
         stepped = torch.cat([model(ids[:, :6], kv_cache=cache), model(ids[:, 6:], kv_cache=cache)], 1)
     diff = (stepped - full).abs().max().item()
     assert diff < 1e-5, f"prefill 6 + chunk 4 vs one full forward: max abs diff {diff:.3g}"
-
 
 def test_generate_cache_equals_no_cache(tiny_config):
     """Greedy generation with the KV cache gives the same tokens as recomputing the prefix, for ragged prompts."""
