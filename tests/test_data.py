@@ -378,7 +378,6 @@ def test_iopo_truncation_cuts_both_prompts_and_both_responses():
     assert out["y1_x1"]["input_ids"][-1] == CharTok.end_of_turn_id and out["y2_x1"]["input_ids"][-1] != 2
 
 
-
 def test_encode_stats_count_every_sequence_of_a_pair(tok):
     """EncodeStats sums scored and masked tokens over both answers of a DPO pair (CharTok: prompt 5 + 19 ids,
     answers 2 + 1 and 1 + 1 ids), and counts a seam merge in the rejected answer as well as in the chosen one."""
@@ -390,6 +389,7 @@ def test_encode_stats_count_every_sequence_of_a_pair(tok):
     D.encode_dpo(tok, {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "It is cold.",
                        "rejected": "\nIt is cold."}, stats=merged)
     assert merged.boundary_merges == 1, f"the rejected answer starts with '\\n' and merges: {merged}"
+
 
 def test_truncation_that_makes_sequences_equal_is_counted():
     """Prompts that differ only in their last characters become equal once their heads are kept: counted."""
@@ -518,7 +518,6 @@ def test_encoded_dataset_is_lazy_and_caches(tmp_path, tok):
     assert ds.scan().examples == 6
 
 
-
 def test_select_of_a_selection_keeps_its_examples(tok):
     """Selecting from a view (as holdout_split of a train split does) indexes the view, not the whole dataset."""
     examples = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": "Yes.", "rejected": "No."}
@@ -526,6 +525,7 @@ def test_select_of_a_selection_keeps_its_examples(tok):
     ds = D.EncodedDataset(examples, "dpo", tok)
     view = ds.select([3, 4, 5]).select([0, 2])
     assert view.indices == [3, 5] and view[1] == ds[5], f"positions 0 and 2 of [3, 4, 5] gave {view.indices}"
+
 
 def test_dataset_error_names_the_line(tmp_path, tok):
     """An encoding error inside the dataset names the file and line of the record."""

@@ -162,6 +162,7 @@ def test_ftx_term_with_an_empty_matched_answer_is_finite():
         term = iopo.ftx_term(*args).item()
         assert term == 0.0, f"ftx term over {len(args) // 2} empty answer(s): {term}, expected 0.0"
 
+
 def test_loss_arguments_are_checked():
     """Inputs that would broadcast into a wrong number, and beta / label smoothing out of range, are refused:
     a (B, 1) reference against (B,) sums used to give a (B, B) loss, a (T,) mask against (R, T) log-probs a

@@ -353,7 +353,6 @@ def edit_weights(d, fn, file="model.safetensors"):
     save_file(weights, d / file)
 
 
-
 def test_tied_checkpoint_may_store_a_head_copy(tmp_path):
     """A tied checkpoint that also stores lm_head.weight loads and ignores the copy (as transformers does): the head
     is the embedding matrix, and the logits stay transformers'."""
@@ -363,6 +362,7 @@ def test_tied_checkpoint_may_store_a_head_copy(tmp_path):
     expected = load_file(d / "expected.safetensors")
     diff = (logits_of(model, expected["input_ids"]) - expected["logits"]).abs().max().item()
     assert model.lm_head.weight is model.model.embed_tokens.weight and diff <= 1e-4, f"max abs logit diff {diff:.3g}"
+
 
 def test_error_missing_tensor(tmp_path):
     """A missing tensor is named together with the folder."""
@@ -483,13 +483,13 @@ def test_default_system_message_with_braces_and_escapes(tmp_path):
     assert tok.render_chat([{"role": "user", "content": "What is 1+1?"}]) == want
 
 
-
 def test_llama31_system_message_is_trimmed():
     """Llama 3.1's template trims the system message (|trim) as it trims every turn: spaces around it change nothing."""
     tok = M.load_tokenizer(FIXTURES / "chat" / "llama3_1")
     plain = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     spaced = tok.render_chat([{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "Hi"}])
     assert spaced == plain, f"{spaced!r} != {plain!r}"
+
 
 def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
     """chat_template.jinja replaces tokenizer_config.json's chat_template, as transformers loads them."""
@@ -589,7 +589,6 @@ def context_model(config):
     return model
 
 
-
 def test_cache_chunk_without_padding_stays_causal(tiny_config):
     """With no padding mask, a prefill then a four-token chunk through the cache give the full forward's hidden
     states: inside the chunk each token sees only the ones before it."""
@@ -601,6 +600,7 @@ def test_cache_chunk_without_padding_stays_causal(tiny_config):
         stepped = torch.cat([model(ids[:, :6], kv_cache=cache), model(ids[:, 6:], kv_cache=cache)], 1)
     diff = (stepped - full).abs().max().item()
     assert diff < 1e-5, f"prefill 6 + chunk 4 vs one full forward: max abs diff {diff:.3g}"
+
 
 def test_generate_cache_equals_no_cache(tiny_config):
     """Greedy generation with the KV cache gives the same tokens as recomputing the prefix, for ragged prompts."""

@@ -454,7 +454,6 @@ def test_compiled_blocks_match_eager(encoded):
         torch._dynamo.reset()
 
 
-
 def test_inductor_compiled_packed_rows_at_two_widths(encoded):
     """With inductor (what --compile uses), blocks compiled once run packed rows of two different widths and give
     eager's gradients: the generated backward once assumed the first batch's row stride and failed at the next."""

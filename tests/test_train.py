@@ -612,6 +612,7 @@ def test_scorer_scores_each_token_from_the_tokens_before_it(tiny_model):
             assert abs(got[t - 1].item() - want) < 1e-5, f"label {t}: Scorer {got[t - 1].item()}, prefix pass {want}"
     assert got[:3].tolist() == [0.0] * 3, f"prompt positions {got[:3].tolist()}"
 
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "iopo"])
 def test_first_logged_loss_is_the_loss_of_the_starting_model(toy_dir, tmp_path, method):
     """Step 1 logs the starting model's loss: DPO / IOPO ln 2 (policy == reference; 2 micro-batches are averaged,
