@@ -1153,6 +1153,7 @@ def prepare_reference(cfg, model, scorer, dataset, lora, resume_dir, load_dtype,
         if lora:
             return None, scorer
         return None, starting_weights(cfg, load_dtype, device, scorer.packed_attention)
+
     def cache_of(key):  # beside --out, so that runs on the same data and weights share it
         return Path(cfg.out).parent / "ref_cache" / f"{cfg.method}-{key}.safetensors"
 
