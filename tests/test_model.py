@@ -135,6 +135,9 @@ def test_config_layouts_agree():
     ({"quantization_config": {"quant_method": "fp8"}}, r"quantized checkpoints \(fp8 in quantization_config\)"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0,
       "layer_types": ["full_attention", "sliding_attention"]}, "layer_types .* differs from what sliding_window"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor != 1 is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}},
+     r"RoPE scaling 'llama3' needs numbers for \['low_freq_factor'\]"),
 ])
 def test_config_errors(change, message, tmp_path):
     """Unsupported or inconsistent config.json contents are refused with a message naming the file and field."""
@@ -149,6 +152,36 @@ def test_config_must_be_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json: expected a JSON object, got list"):
         M.ModelConfig.from_hf(tmp_path)
+
+
+def test_config_defaults_follow_transformers():
+    """Fields a config.json leaves out take transformers' defaults: rope_theta 10000, as many KV heads as query
+    heads, an untied head, Qwen2's window off unless use_sliding_window and then from layer 28 on; Llama has no
+    window. Ours: llama3 scaling without original_max_position_embeddings takes max_position_embeddings, and a
+    "torch." prefix is cut off the dtype."""
+    base = json.loads((FIXTURES / "llama_gqa_untied" / "config.json").read_text())
+    for key in ("rope_theta", "num_key_value_heads", "tie_word_embeddings"):
+        del base[key]
+    c = M.ModelConfig.from_hf({**base, "sliding_window": 4, "torch_dtype": "torch.bfloat16"})
+    got = (c.rope_theta, c.num_key_value_heads, c.tie_word_embeddings, c.sliding_window, c.torch_dtype)
+    assert got == (10000.0, base["num_attention_heads"], False, None, "bfloat16"), got
+    qwen2 = {**base, "model_type": "qwen2", "sliding_window": 4}
+    assert M.ModelConfig.from_hf(qwen2).sliding_window is None, "Qwen2 without use_sliding_window has no window"
+    c = M.ModelConfig.from_hf({**qwen2, "use_sliding_window": True})
+    assert (c.sliding_window, c.max_window_layers) == (4, 28), (c.sliding_window, c.max_window_layers)
+    llama3 = {**base, "max_position_embeddings": 96,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    got = M.ModelConfig.from_hf(llama3).rope_scaling["original_max_position_embeddings"]
+    assert got == 96, f"original_max_position_embeddings {got}, expected max_position_embeddings 96"
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_to_hf_round_trip_every_fixture(name):
+    """to_hf then from_hf gives back the same ModelConfig for every fixture (windows, biases, RoPE scaling)."""
+    c = M.ModelConfig.from_hf(FIXTURES / name)
+    again = M.ModelConfig.from_hf(c.to_hf())
+    diff = {k: (v, getattr(again, k)) for k, v in vars(c).items() if getattr(again, k) != v}
+    assert not diff, f"{name}: fields changed by the round trip (before, after): {diff}"
 
 
 def test_toy_presets_size_and_init():
