@@ -352,6 +352,18 @@ def test_index_shards_stay_in_the_folder(tmp_path):
         M.load_model(d)
 
 
+def test_index_must_point_at_the_shard_holding_the_tensor(tmp_path):
+    """An index that lists a tensor in a shard that does not hold it is refused, naming the tensor and the shard."""
+    d = copy_fixture("llama_sharded_bf16", tmp_path)
+    index = json.loads((d / M.INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[1]
+    (d / M.INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"missing tensor '{name}': not in .*{shards[1]} \(where"):
+        M.load_model(d)
+
+
 def test_missing_lm_head_needs_tied_config(tmp_path):
     """A checkpoint without lm_head.weight is refused unless config.json ties the head, then loads tied."""
     d = copy_fixture("llama_gqa_untied", tmp_path)
@@ -371,6 +383,7 @@ def test_load_dtype_argument(tmp_path):
     assert M.load_model(FIXTURES / "llama_gqa_untied").lm_head.weight.dtype == torch.float32
     m = M.load_model(FIXTURES / "llama_gqa_untied", dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and m.config.torch_dtype == "bfloat16"
+    assert not m.training, "load_model returns the model in eval mode, as transformers' from_pretrained does"
     M.save_model(m, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     again = M.load_model(tmp_path)
