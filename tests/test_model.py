@@ -513,6 +513,61 @@ def test_tokenizer_family_and_specials(kind, family, default_system, end_of_turn
         assert (tok.bos_token_id, tok.date_header) == (0, "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
 
 
+def tokenizer_variant(tmp_path, kind, config_changes, generation_config=None):
+    """A copy of the chat fixture `kind` with tokenizer_config.json keys replaced (None deletes a key) and
+    generation_config.json replaced (None: removed), loaded."""
+    d = tmp_path / kind
+    shutil.copytree(FIXTURES / "chat" / kind, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.update(config_changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "generation_config.json").unlink(missing_ok=True)
+    if generation_config is not None:
+        (d / "generation_config.json").write_text(json.dumps(generation_config))
+    return M.load_tokenizer(d)
+
+
+def test_eos_and_pad_defaults(tmp_path):
+    """Without an eos_token the first eos of generation_config is eos, else the end-of-turn token; pad defaults
+    to eos; eos_token_ids keep every eos generation_config lists, in its order after the tokenizer's own."""
+    eot, end_of_text = 4, 1  # <|eot_id|> and <|end_of_text|> in the llama3 fixtures
+    tok = M.load_tokenizer(FIXTURES / "chat" / "llama3")  # no pad_token in its tokenizer_config.json
+    assert (tok.eos_token_id, tok.pad_token_id) == (eot, eot), (tok.eos_token_id, tok.pad_token_id)
+    tok = tokenizer_variant(tmp_path / "a", "llama3_1", {"eos_token": None}, {"eos_token_id": [end_of_text, eot]})
+    assert (tok.eos_token_id, tok.pad_token_id) == (end_of_text, end_of_text), (tok.eos_token_id, tok.pad_token_id)
+    tok = tokenizer_variant(tmp_path / "b", "llama3", {"eos_token": None})
+    assert (tok.eos_token_id, tok.eos_token_ids) == (eot, [eot]), (tok.eos_token_id, tok.eos_token_ids)
+    tok = tokenizer_variant(tmp_path / "c", "llama3_1", {}, {"eos_token_id": [eot, end_of_text]})
+    assert tok.eos_token_ids == [eot, end_of_text], tok.eos_token_ids
+
+
+def test_family_from_special_tokens_without_a_template(tmp_path):
+    """A tokenizer with no chat template is placed in its family by the turn markers in its vocabulary."""
+    families = {kind: tokenizer_variant(tmp_path, kind, {"chat_template": None}).family for kind in ("llama3", "qwen2")}
+    assert families == {"llama3": "llama3", "qwen2": "chatml"}, families
+
+
+def test_llama31_and_32_date_header(tmp_path, monkeypatch):
+    """Llama 3.1's header carries the template's date_string; Llama 3.2's (strftime_now) today's date as
+    "%d %b %Y", as transformers passes it."""
+    template = json.loads((FIXTURES / "chat" / "templates.json").read_text())["llama3_1"]
+    literal = '{%- set date_string = "26 Jul 2024" %}'
+    assert literal in template, "the fixture template no longer sets date_string this way"
+    tok = tokenizer_variant(tmp_path / "a", "llama3_1", {"chat_template": template.replace("26 Jul 2024", "01 Jan 2025")})
+    assert tok.date_header == "Cutting Knowledge Date: December 2023\nToday Date: 01 Jan 2025\n\n", tok.date_header
+
+    class Today(M.datetime.date):
+        @classmethod
+        def today(cls):
+            return M.datetime.date(2025, 3, 7)
+
+    monkeypatch.setattr(M, "datetime", type("datetime_module", (), {"date": Today}))
+    llama32 = template.replace(literal, '{%- set date_string = strftime_now("%d %b %Y") %}')
+    tok = tokenizer_variant(tmp_path / "b", "llama3_1", {"chat_template": llama32})
+    assert tok.date_header == "Cutting Knowledge Date: December 2023\nToday Date: 07 Mar 2025\n\n", tok.date_header
+
+
 def test_default_system_message_with_braces_and_escapes(tmp_path):
     """A default system message holding braces and escapes (Qwen2.5-Math's "... within \\boxed{}.", put into
     the Qwen2.5 template) is read as jinja reads the literal, and rendered when no system turn is given."""
