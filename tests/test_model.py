@@ -554,7 +554,8 @@ def test_llama31_and_32_date_header(tmp_path, monkeypatch):
     template = json.loads((FIXTURES / "chat" / "templates.json").read_text())["llama3_1"]
     literal = '{%- set date_string = "26 Jul 2024" %}'
     assert literal in template, "the fixture template no longer sets date_string this way"
-    tok = tokenizer_variant(tmp_path / "a", "llama3_1", {"chat_template": template.replace("26 Jul 2024", "01 Jan 2025")})
+    llama31 = template.replace("26 Jul 2024", "01 Jan 2025")
+    tok = tokenizer_variant(tmp_path / "a", "llama3_1", {"chat_template": llama31})
     assert tok.date_header == "Cutting Knowledge Date: December 2023\nToday Date: 01 Jan 2025\n\n", tok.date_header
 
     class Today(M.datetime.date):
@@ -731,6 +732,29 @@ def test_generate_stops_before_eos(tiny_config):
     assert out[0] == free[0][:first], (out[0], free[0])
     expected_1 = free[1][:free[1].index(stop)] if stop in free[1] else free[1]
     assert out[1] == expected_1, (out[1], free[1])
+
+
+def test_generate_stops_at_any_of_several_eos(tiny_config):
+    """With two eos ids, each row ends before the first of either (both ids matter in this case)."""
+    model = context_model(tiny_config)
+    prompts = [[5, 6, 7], [9, 10]]
+    free = M.generate(model, prompts, 12)
+    cut = lambda row, stops: row[:next((i for i, t in enumerate(row) if t in stops), len(row))]  # noqa: E731
+    a, b = free[0][4], free[1][2]
+    want = [cut(row, {a, b}) for row in free]
+    assert want != [cut(row, {a}) for row in free] and want != [cut(row, {b}) for row in free], (free, a, b)
+    out = M.generate(model, prompts, 12, eos_token_ids=[a, b])
+    assert out == want, f"eos {a}, {b}: got {out}, expected {want} (free run {free})"
+
+
+def test_generate_zero_tokens_and_keeps_the_mode(tiny_model):
+    """max_new_tokens=0 gives an empty answer per prompt; generate leaves train / eval mode as it found it."""
+    out = M.generate(tiny_model, [[5, 6, 7], [9]], 0)
+    assert out == [[], []], out
+    for training in (True, False):
+        tiny_model.train(training)
+        M.generate(tiny_model, [[5, 6, 7]], 2)
+        assert tiny_model.training == training, f"model.training {tiny_model.training} after generate, was {training}"
 
 
 def test_generate_sampling_is_seeded(tiny_model):
