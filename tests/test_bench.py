@@ -43,3 +43,14 @@ def test_model_flops_full_and_lora():
         flops, counted = bench._model_flops(c, batch, lora)
         assert counted == tokens
         assert flops == k * body * tokens + k * c.vocab_size * c.hidden_size * scored + attention
+
+
+def test_model_flops_by_hand_with_padding_and_head_dim():
+    """A padded batch by hand, head_dim 6 (not 8 / 2): tokens 6 (padding not counted), 10 attention pairs;
+    body 576 = 8*6*(2*2 + 2*1) + 3*8*12, head 10*8*3 = 240, attention 12*10*2*6 = 1440."""
+    c = M.ModelConfig(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=6)
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "scored_index": torch.tensor([1, 2, 3])}
+    for lora, want in ((False, 6 * 576 * 6 + 6 * 240 + 1440), (True, 4 * 576 * 6 + 4 * 240 + 1440)):
+        got = bench._model_flops(c, batch, lora)
+        assert got == (want, 6), f"lora={lora}: (flops, tokens) {got}, expected ({want}, 6)"
