@@ -175,6 +175,13 @@ def test_config_defaults_follow_transformers():
     assert got == 96, f"original_max_position_embeddings {got}, expected max_position_embeddings 96"
 
 
+def test_config_keeps_an_eos_list():
+    """An eos_token_id list (Llama 3.1 writes [128001, 128008, 128009]) is kept whole, and to_hf writes it back."""
+    hf = {**json.loads((FIXTURES / "llama_gqa_untied" / "config.json").read_text()), "eos_token_id": [2, 7]}
+    c = M.ModelConfig.from_hf(hf)
+    assert (c.eos_token_id, c.to_hf()["eos_token_id"]) == ([2, 7], [2, 7]), (c.eos_token_id, c.to_hf()["eos_token_id"])
+
+
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_to_hf_round_trip_every_fixture(name):
     """to_hf then from_hf gives back the same ModelConfig for every fixture (windows, biases, RoPE scaling)."""
@@ -540,6 +547,14 @@ def test_eos_and_pad_defaults(tmp_path):
     assert (tok.eos_token_id, tok.eos_token_ids) == (eot, [eot]), (tok.eos_token_id, tok.eos_token_ids)
     tok = tokenizer_variant(tmp_path / "c", "llama3_1", {}, {"eos_token_id": [eot, end_of_text]})
     assert tok.eos_token_ids == [eot, end_of_text], tok.eos_token_ids
+
+
+def test_special_tokens_in_added_token_form(tmp_path):
+    """Older tokenizer_config.json files write special tokens as AddedToken objects; their "content" is the token."""
+    added = lambda t: {"__type": "AddedToken", "content": t, "lstrip": False, "rstrip": False}  # noqa: E731
+    tok = tokenizer_variant(tmp_path, "qwen2", {"eos_token": added("<|im_end|>"), "pad_token": added("<|endoftext|>")})
+    want = ("<|im_end|>", tok.tokenizer.token_to_id("<|im_end|>"), tok.tokenizer.token_to_id("<|endoftext|>"))
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == want, (tok.eos_token, tok.eos_token_id, tok.pad_token_id)
 
 
 def test_family_from_special_tokens_without_a_template(tmp_path):
