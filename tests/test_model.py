@@ -554,7 +554,8 @@ def test_special_tokens_in_added_token_form(tmp_path):
     added = lambda t: {"__type": "AddedToken", "content": t, "lstrip": False, "rstrip": False}  # noqa: E731
     tok = tokenizer_variant(tmp_path, "qwen2", {"eos_token": added("<|im_end|>"), "pad_token": added("<|endoftext|>")})
     want = ("<|im_end|>", tok.tokenizer.token_to_id("<|im_end|>"), tok.tokenizer.token_to_id("<|endoftext|>"))
-    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == want, (tok.eos_token, tok.eos_token_id, tok.pad_token_id)
+    got = (tok.eos_token, tok.eos_token_id, tok.pad_token_id)
+    assert got == want, f"(eos, eos id, pad id) {got}, expected {want}"
 
 
 def test_family_from_special_tokens_without_a_template(tmp_path):
