@@ -160,7 +160,7 @@ class ModelConfig:
 
         # Sliding window: Mistral uses it whenever it is set; Qwen2 only with use_sliding_window, and then only
         # in the layers from max_window_layers on (as transformers does)
-        window = hf.get("sliding_window")
+        window = hf.get("sliding_window", 4096 if model_type == "mistral" else None)  # MistralConfig's default
         max_window_layers = 0
         if model_type == "qwen2":
             if not hf.get("use_sliding_window", False):

@@ -157,8 +157,9 @@ def test_config_must_be_an_object(tmp_path):
 def test_config_defaults_follow_transformers():
     """Fields a config.json leaves out take transformers' defaults: rope_theta 10000, as many KV heads as query
     heads, an untied head, Qwen2's window off unless use_sliding_window and then from layer 28 on; Llama has no
-    window. Ours: llama3 scaling without original_max_position_embeddings takes max_position_embeddings, and a
-    "torch." prefix is cut off the dtype."""
+    window; Mistral's is 4096 when the key is missing; llama3 scaling without original_max_position_embeddings
+    takes max_position_embeddings (transformers 5.24 too, with a warning). Ours: a "torch." prefix is cut off the
+    dtype."""
     base = json.loads((FIXTURES / "llama_gqa_untied" / "config.json").read_text())
     for key in ("rope_theta", "num_key_value_heads", "tie_word_embeddings"):
         del base[key]
@@ -169,6 +170,9 @@ def test_config_defaults_follow_transformers():
     assert M.ModelConfig.from_hf(qwen2).sliding_window is None, "Qwen2 without use_sliding_window has no window"
     c = M.ModelConfig.from_hf({**qwen2, "use_sliding_window": True})
     assert (c.sliding_window, c.max_window_layers) == (4, 28), (c.sliding_window, c.max_window_layers)
+    mistral = M.ModelConfig.from_hf({**base, "model_type": "mistral"})
+    assert mistral.sliding_window == 4096, f"Mistral without a sliding_window key: {mistral.sliding_window}"
+    assert M.ModelConfig.from_hf({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
     llama3 = {**base, "max_position_embeddings": 96,
               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
     got = M.ModelConfig.from_hf(llama3).rope_scaling["original_max_position_embeddings"]
