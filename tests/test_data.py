@@ -619,3 +619,29 @@ def test_show_sequence_colours_scored_text(tok):
     assert D.show_sequence(tok, seq).endswith("<|im_start|>assistant\n[[Yes.<|im_end|>]]")
     coloured = D.show_sequence(tok, seq, colour=True)
     assert coloured.startswith("\033[2m<|im_start|>user") and coloured.endswith("\033[1;32mYes.<|im_end|>\033[0m"), coloured
+
+
+def test_batch_sampler_state_of_another_grouping_is_refused():
+    """A sampler state saved with group_by_length cannot be loaded into a sampler without it (nor the reverse): the
+    resumed order of batches would differ."""
+    grouped = D.BatchSampler(20, 3, seed=1, lengths=list(range(20)), group_by_length=True)
+    with pytest.raises(ValueError, match="group_by_length=True"):
+        D.BatchSampler(20, 3, seed=1).load_state_dict(grouped.state_dict())
+    with pytest.raises(ValueError, match="group_by_length=False"):
+        grouped.load_state_dict(D.BatchSampler(20, 3, seed=1).state_dict())
+
+
+def test_batch_sampler_resumes_in_a_later_epoch():
+    """A state saved two batches into epoch 1 resumes with the rest of epoch 1, in epoch 1's own order (not epoch 0's
+    from the same position)."""
+    ref = D.BatchSampler(10, 3, seed=4)
+    want = list(ref) + list(ref)  # epochs 0 and 1, 4 batches each
+    assert want[:4] != want[4:], "the two epochs should have different orders"
+    run = D.BatchSampler(10, 3, seed=4)
+    list(run)
+    it = iter(run)
+    next(it), next(it)
+    resumed = D.BatchSampler(10, 3, seed=4)
+    resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    got = list(resumed)
+    assert got == want[6:], f"resumed with {got}, expected the rest of epoch 1 {want[6:]}"

@@ -839,3 +839,52 @@ def test_cli_prints_reply(tiny_model, chatml_tokenizer_dir, tmp_path, capsys, mo
     ids = M.generate(tiny_model, [tok.apply_chat_template([{"role": "user", "content": "Hi"}])], 5,
                      eos_token_ids=tok.eos_token_ids)[0]
     assert capsys.readouterr().out == tok.decode(ids) + "\n"
+
+
+def test_save_keeps_the_tokenizer_folders_generation_config(tiny_model, chatml_tokenizer_dir, tmp_path):
+    """A tokenizer folder's generation_config.json (Llama 3.1's lists two stop tokens) is copied as it is, not
+    replaced by one written from the model config's single eos id."""
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(chatml_tokenizer_dir, tok_dir)
+    wanted = {"bos_token_id": 0, "eos_token_id": [2, 5]}
+    (tok_dir / "generation_config.json").write_text(json.dumps(wanted))
+    M.save_model(tiny_model, tmp_path / "m", tokenizer_dir=tok_dir)
+    got = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert got == wanted, f"saved generation_config {got}, the tokenizer folder's {wanted}"
+
+
+def test_save_moves_config_json_in_last(tiny_model, chatml_tokenizer_dir, tmp_path, monkeypatch):
+    """Into the model folder save_model moves config.json after every other file (shards, index, tokenizer files),
+    so that a folder whose config.json is new already holds the rest of the new save."""
+    real, moved = M.os.replace, []
+
+    def recording(src, dst):
+        if Path(dst).parent == tmp_path / "m":
+            moved.append(Path(dst).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(M.os, "replace", recording)
+    M.save_model(tiny_model, tmp_path / "m", tokenizer_dir=chatml_tokenizer_dir, max_shard_bytes=20_000)
+    in_folder = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert moved[-1] == "config.json" and sorted(moved) == in_folder, f"moved in this order: {moved}"
+
+
+def test_failed_move_leaves_the_earlier_weights(tiny_model, tmp_path, monkeypatch):
+    """When moving the new weights into the folder fails (a permission error), the earlier save's shards are still
+    there and load unchanged: they are removed only after the new weights are in place."""
+    M.save_model(tiny_model, tmp_path / "m", max_shard_bytes=20_000)
+    changed = M.Transformer(tiny_model.config)
+    real = M.os.replace
+
+    def failing(src, dst):
+        if Path(dst) == tmp_path / "m" / M.WEIGHTS_NAME:
+            raise PermissionError("denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(M.os, "replace", failing)
+    with pytest.raises(PermissionError):
+        M.save_model(changed, tmp_path / "m")
+    monkeypatch.undo()
+    after, before = M.load_model(tmp_path / "m").state_dict(), tiny_model.state_dict()
+    worst = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert worst == 0.0, f"the earlier weights changed by {worst}"

@@ -266,15 +266,19 @@ def test_damaged_trainer_state_is_an_error_naming_the_file(tmp_path):
 
 
 def test_damaged_reference_cache_is_computed_again(tmp_path, capsys):
-    """A reference cache that is cut short, misses its tensor, has the wrong shape or holds NaN is reported and
-    recomputed (usable_cache says no), instead of a safetensors traceback or a run that stops at a NaN loss."""
+    """A reference cache that is cut short, misses its tensor, has the wrong shape or holds a NaN (one is enough) is
+    reported and recomputed (usable_cache says no), instead of a safetensors traceback or a run that stops at a NaN
+    loss."""
     cache = tmp_path / "dpo-key.safetensors"
     assert not iopo.usable_cache(cache, 4, 2), "no file: nothing to use"
     save_file({"ref_logps": torch.full((4, 2), -3.0)}, cache)
     assert iopo.usable_cache(cache, 4, 2) and capsys.readouterr().out == ""
     good = cache.read_bytes()
+    one_nan = torch.full((4, 2), -3.0)
+    one_nan[2, 1] = float("nan")
     damaged = {"cut short": good[:40], "no tensor": None, "shape": {"ref_logps": torch.zeros(3, 2)},
-               "nan": {"ref_logps": torch.full((4, 2), float("nan"))}}
+               "columns": {"ref_logps": torch.zeros(4, 3)}, "nan": {"ref_logps": torch.full((4, 2), float("nan"))},
+               "one nan": {"ref_logps": one_nan}}
     for what, content in damaged.items():
         if isinstance(content, bytes):
             cache.write_bytes(content)
@@ -394,7 +398,8 @@ def test_resume_refuses_to_change_the_run(toy_dir, tmp_path):
 
 
 def test_resume_accepts_the_original_command(toy_dir, tmp_path):
-    """The first run's own command plus --resume is accepted: --model toy and --lr 0 match what they resolved to."""
+    """The first run's own command plus --resume is accepted: --model toy and --lr 0 match what they resolved to,
+    and the resumed run keeps the saved run's toy model instead of building another."""
     folder, paths, base = toy_dir
     first = ["sft", "--model", "toy", "--toy-preset", "tiny", "--toy-vocab", "300", "--data", str(paths["sft"]),
              "--max-steps", "2", "--save-every", "1", "--batch-size", "2", "--grad-accum", "1", "--lr", "0"]
@@ -402,6 +407,9 @@ def test_resume_accepts_the_original_command(toy_dir, tmp_path):
     iopo.main([*first, "--out", str(tmp_path / "more"), "--resume", str(tmp_path / "run")])
     assert [r["step"] for r in losses(tmp_path / "more")] == [2]
     assert losses(tmp_path / "more")[0]["loss"] == losses(tmp_path / "run")[1]["loss"]
+    model = json.loads((tmp_path / "more" / "config.json").read_text())["model"]
+    assert model == str(tmp_path / "run" / "base") and not (tmp_path / "more" / "base").exists(), \
+        f"the resumed run built a new toy model: its model is {model}"
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy_dir, tmp_path):
@@ -688,3 +696,88 @@ def test_heldout_loss_runs_without_dropout(toy_dir, tmp_path):
     expected = iopo.evaluate_loss(iopo.Scorer(M.load_model(final)), heldout, None, iopo.TrainConfig(method="sft"),
                                   torch.device("cpu"), contextlib.nullcontext)["eval/loss"]
     assert abs(logged - expected) < 1e-4, f"logged held-out loss {logged}, the saved model's {expected}"
+
+
+def test_checkpoint_saved_again_at_the_same_step_replaces_the_old_one(tiny_model, chatml_tokenizer_dir, tmp_path):
+    """Saving checkpoint-2 over an existing checkpoint-2 swaps the new folder in once it is complete: its step and
+    weights are read back, and no temporary or old folder is left beside it."""
+    opt = torch.optim.AdamW(tiny_model.parameters())
+    sampler, cfg = BatchSampler(8, 2, seed=0), iopo.TrainConfig(method="sft", data="d.jsonl")
+    path = tmp_path / "checkpoint-2"
+    iopo.save_checkpoint(path, tiny_model, chatml_tokenizer_dir, opt.state_dict(), sampler, 1, cfg, None)
+    with torch.no_grad():
+        tiny_model.model.norm.weight.fill_(2.0)
+    iopo.save_checkpoint(path, tiny_model, chatml_tokenizer_dir, opt.state_dict(), sampler, 2, cfg, None)
+    step, norm = iopo.read_trainer_state(path)["step"], M.load_model(path).model.norm.weight
+    assert step == 2 and bool((norm == 2.0).all()), f"read back step {step}, norm weights {norm[:3].tolist()}"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["checkpoint-2"], f"folders left: {left}"
+
+
+def test_lora_adapters_missing_or_unknown_are_refused(tiny_model, tmp_path):
+    """An adapter file without some of the model's adapters (the B matrices) or with one the model lacks is refused,
+    naming them: loaded with strict=False, the missing ones would silently keep their fresh values."""
+    iopo.add_lora(tiny_model, 2, 16.0, 0.0)
+    adapters = {k: v.detach().contiguous() for k, v in tiny_model.state_dict().items() if ".lora_" in k}
+    file = tmp_path / "adapter.safetensors"
+    save_file({k: v for k, v in adapters.items() if ".lora_A" in k}, file)
+    with pytest.raises(ValueError, match=r"adapters do not match the model \(unexpected \[\], missing \['.*lora_B'"):
+        iopo.load_adapters(tmp_path, tiny_model)
+    save_file({**adapters, "model.layers.7.mlp.up_proj.lora_A": torch.zeros(2, 64)}, file)
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.7.mlp.up_proj.lora_A'\], missing \[\]"):
+        iopo.load_adapters(tmp_path, tiny_model)
+
+
+def test_checkpoints_sort_by_step_and_skip_incomplete_folders(tmp_path):
+    """checkpoints() orders checkpoint-N folders by N as a number (9 before 10), and leaves out one without a
+    trainer_state.json (half deleted, or copied in part) and other names; --resume OUT takes checkpoint-10."""
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-9", "checkpoint-11", "checkpoint-best"):
+        (tmp_path / name).mkdir()
+        if name != "checkpoint-11":
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    got = [p.name for p in iopo.checkpoints(tmp_path)]
+    assert got == ["checkpoint-2", "checkpoint-9", "checkpoint-10"], got
+    latest = iopo.latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "checkpoint-10", f"--resume of the folder took {latest.name}"
+    assert iopo.latest_checkpoint(tmp_path / "checkpoint-2") == tmp_path / "checkpoint-2"
+
+
+def test_settings_at_the_edges_of_their_ranges():
+    """--beta 0 and --label-smoothing 0.5 are refused (both make the preference loss a constant ln 2), --warmup-ratio
+    1 is accepted; --eval-size without --eval-every and an IOPO --variant with DPO are refused for a new run but
+    accepted on resume (older runs saved them)."""
+    cfg = iopo.TrainConfig(method="dpo", data="d.jsonl")
+    for change, message in (({"beta": 0.0}, "--beta must be > 0"), ({"label_smoothing": 0.5}, "--label-smoothing in"),
+                            ({"eval_size": 4}, "--eval-every and --eval-size go together"),
+                            ({"variant": "three_seq"}, "--variant chooses among IOPO's losses")):
+        with pytest.raises(ValueError, match=message):
+            iopo.check_settings(dataclasses.replace(cfg, **change), resuming=False)
+    for change, resuming in (({"warmup_ratio": 1.0, "label_smoothing": 0.49, "beta": 1e-6}, False),
+                             ({"eval_size": 4}, True), ({"variant": "three_seq"}, True)):
+        iopo.check_settings(dataclasses.replace(cfg, **change), resuming=resuming)  # no error
+
+
+def test_resume_in_place_recognises_out_however_it_is_spelt(tmp_path, monkeypatch):
+    """--out run (relative) and --resume /abs/run/checkpoint-1 are the same folder: the later checkpoint-2 is listed
+    for removal, instead of the folder being refused as one that holds an earlier run."""
+    monkeypatch.chdir(tmp_path)
+    for n in (1, 2):
+        (tmp_path / "run" / f"checkpoint-{n}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    cfg = iopo.TrainConfig(method="sft", data="d.jsonl", out="run")
+    stale = iopo.stale_outputs(cfg, tmp_path / "run" / "checkpoint-1", 1)
+    assert [p.name for p, _ in stale] == ["checkpoint-2"], stale
+
+
+def test_reference_cache_key_reads_every_weight_shard(tmp_path):
+    """A sharded reference model's key changes when any of its shards does, the second one included."""
+    names = ("config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors")
+    for name in names:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    cfg = iopo.TrainConfig(method="dpo", model=str(tmp_path), data=str(tmp_path / "data.jsonl"))
+    start = iopo.reference_cache_key(cfg, tmp_path)
+    (tmp_path / names[-1]).write_text("other weights")
+    assert iopo.reference_cache_key(cfg, tmp_path) != start, "the key ignores the second shard"
