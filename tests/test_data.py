@@ -178,7 +178,8 @@ BAD_LINES = [
      '"messages"[1]["content"] is missing'),
     ("dpo", {"prompt": "Hi", "chosen": [{"role": "user", "content": "Yo"}], "rejected": "No"},
      '"chosen"[0] should be an assistant message, is a user message'),
-    ("dpo", {"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Yo"}, {"role": "assistant", "content": "Hey"}],
+    ("dpo", {"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Yo"},
+                                     {"role": "assistant", "content": "Hey"}],
              "rejected": "No"}, '"chosen" should hold one assistant message, holds 2'),
     ("sft", {"text": "Hi"}, 'expected "messages", or "prompt" and "response"'),
     ("sft", ["Hi"], "expected a JSON object, got list"),
@@ -246,7 +247,7 @@ def test_read_any_without_kind_sniffs_past_a_bad_line(tmp_path):
 
 
 def test_record_file_offsets_skip_blank_and_crlf_lines(tmp_path):
-    """RecordFile reads each record back from its byte offset, also after blank lines, CRLF endings and non-ASCII text."""
+    """RecordFile reads each record back from its byte offset, after blank lines, CRLF endings and non-ASCII text."""
     rows = [{"prompt": f"Frage {i} über Flüsse?", "chosen": "Ja." * (i + 1), "rejected": "Nein."} for i in range(4)]
     path = tmp_path / "d.jsonl"
     text = "\r\n" + json.dumps(rows[0], ensure_ascii=False) + "\r\n\n  \n" + json.dumps(rows[1]) + "\n\n"
