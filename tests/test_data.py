@@ -125,6 +125,27 @@ def test_top_level_system_field_becomes_the_first_turn(tmp_path):
         list(D.read_sft(write(tmp_path, "s2.jsonl", [twice])))
 
 
+def test_system_field_in_every_layout_opens_every_prompt(tmp_path):
+    """The top-level "system" string opens SFT's prompt/response prompt and both prompts of our x1/x2 IOPO layout."""
+    system = {"role": "system", "content": "Be brief."}
+    (sft,) = list(D.read_sft(write(tmp_path, "s.jsonl", [{"prompt": "Hi", "response": "Yo", "system": "Be brief."}])))
+    assert sft == {"messages": [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, sft
+    (quad,) = list(D.read_iopo(write(tmp_path, "q.jsonl", [{**GOOD["iopo"], "system": "Be brief."}])))
+    assert quad["x1"] == [system, {"role": "user", "content": "A"}], quad["x1"]
+    assert quad["x2"] == [system, {"role": "user", "content": "B"}], quad["x2"]
+
+
+def test_read_dpo_sharegpt_layout(tmp_path):
+    """DPO in sharegpt spelling: "conversations" is the prompt (its key not kept as an extra), gpt messages are the
+    answers, and "system" opens the prompt."""
+    rec = {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
+           "rejected": {"from": "gpt", "value": "Go away."}, "system": "Be brief.", "id": 3}
+    (ex,) = list(D.read_dpo(write(tmp_path, "d.jsonl", [rec])))
+    want = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "chosen": "Hello!", "rejected": "Go away.", "id": 3}
+    assert ex == want, ex
+
+
 def test_read_trace_fixture():
     """TRACE items keep every field, including trace_gen's checks and reference."""
     a, b = list(D.read_trace(FIXTURES / "trace_items.jsonl"))
@@ -157,10 +178,18 @@ BAD_LINES = [
      '"messages"[1]["content"] is missing'),
     ("dpo", {"prompt": "Hi", "chosen": [{"role": "user", "content": "Yo"}], "rejected": "No"},
      '"chosen"[0] should be an assistant message, is a user message'),
+    ("dpo", {"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Yo"},
+                                     {"role": "assistant", "content": "Hey"}],
+             "rejected": "No"}, '"chosen" should hold one assistant message, holds 2'),
     ("sft", {"text": "Hi"}, 'expected "messages", or "prompt" and "response"'),
     ("sft", ["Hi"], "expected a JSON object, got list"),
     ("iopo", {"conversations": [{"from": "human", "value": "A"}], "chosen": "a", "rejected": "b"},
      '"conversations" should hold two human turns (x1 and x2), holds user'),
+    ("iopo", {"conversations": [{"from": "human", "value": "A"}, {"from": "human", "value": "B"},
+                                {"from": "human", "value": "C"}], "chosen": "a", "rejected": "b"},
+     '"conversations" should hold two human turns (x1 and x2), holds user, user, user'),
+    ("iopo", {"conversations": [{"from": "human", "value": "A"}, {"from": "gpt", "value": "B"}], "chosen": "a",
+              "rejected": "b"}, '"conversations" should hold two human turns (x1 and x2), holds user, assistant'),
     ("iopo", {"conversations": [{"from": "bot", "value": "A"}], "chosen": "a", "rejected": "b"},
      '"conversations"[0]["from"] is "bot"; expected one of human, gpt, system, user, assistant'),
     ("iopo", {"conversations": [{"from": ["human"], "value": "A"}], "chosen": "a", "rejected": "b"},
@@ -199,6 +228,37 @@ def test_skip_bad_counts_lines(tmp_path):
     assert stats.errors[0].startswith(f"{path}:2: not valid JSON") and stats.errors[1] == f'{path}:4: "chosen" is missing'
 
 
+def test_skip_bad_keeps_five_messages_and_counts_all(tmp_path):
+    """With seven bad lines, every one is counted as skipped but only the first five messages are kept."""
+    path = write(tmp_path, "d.jsonl", [GOOD["dpo"]] + [{"prompt": "Hi"}] * 7 + [GOOD["dpo"]])
+    stats = D.ReadStats()
+    kept = list(D.read_dpo(path, skip_bad=True, stats=stats))
+    assert (len(kept), stats.kept, stats.skipped) == (2, 2, 7), (len(kept), stats)
+    assert stats.errors == [f'{path}:{n}: "chosen" is missing' for n in range(2, 7)], stats.errors
+
+
+def test_read_any_without_kind_sniffs_past_a_bad_line(tmp_path):
+    """read_any(kind=None, skip_bad=True) tells the format from the first good record and counts the bad first line."""
+    path = write(tmp_path, "d.jsonl", ['{"prompt": 1', GOOD["dpo"]])
+    stats = D.ReadStats()
+    got = list(D.read_any(path, skip_bad=True, stats=stats))
+    assert got == [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Yo", "rejected": "No"}], got
+    assert (stats.kept, stats.skipped) == (1, 1), stats
+
+
+def test_record_file_offsets_skip_blank_and_crlf_lines(tmp_path):
+    """RecordFile reads each record back from its byte offset, after blank lines, CRLF endings and non-ASCII text."""
+    rows = [{"prompt": f"Frage {i} über Flüsse?", "chosen": "Ja." * (i + 1), "rejected": "Nein."} for i in range(4)]
+    path = tmp_path / "d.jsonl"
+    text = "\r\n" + json.dumps(rows[0], ensure_ascii=False) + "\r\n\n  \n" + json.dumps(rows[1]) + "\n\n"
+    text += json.dumps(rows[2], ensure_ascii=False) + "\r\n" + json.dumps(rows[3])  # no newline at the end
+    path.write_bytes(text.encode("utf-8"))
+    rf = D.RecordFile(path, "dpo")
+    want = list(D.read_dpo(path))
+    assert len(rf) == 4 and [rf[i] for i in range(4)] == want, [rf[i]["chosen"] for i in range(len(rf))]
+    assert [rf.where(i) for i in range(4)] == [f"{path}:{n}" for n in (2, 5, 7, 8)], [rf.where(i) for i in range(4)]
+
+
 def test_json_array_error_has_line(tmp_path):
     """In a JSON array file an element's error names the line the element starts on."""
     items = json.loads((FIXTURES / "iopo_sharegpt.json").read_text())
@@ -224,6 +284,9 @@ def test_broken_json_array_is_fatal_even_when_skipping(tmp_path):
             list(D.read_iopo(path, skip_bad=True))
     path.write_text(f"[{good},\n{good},]")  # a trailing comma is let through
     assert len(list(D.read_iopo(path))) == 2
+    path.write_text(f"[{good},\n{good}\n")  # a file cut short: its records are not taken as the whole file
+    with pytest.raises(D.DataError, match=r"a.json:3: not valid JSON \(the array is not closed with \]\)"):
+        list(D.read_iopo(path, skip_bad=True))
 
 
 def test_byte_order_mark_and_folders(tmp_path):
@@ -527,6 +590,27 @@ def test_select_of_a_selection_keeps_its_examples(tok):
     assert view.indices == [3, 5] and view[1] == ds[5], f"positions 0 and 2 of [3, 4, 5] gave {view.indices}"
 
 
+def test_rough_lengths_take_the_longer_prompt_and_answer(tmp_path):
+    """lengths() for grouping counts the longer of the two prompts and of the two answers: here the second ones."""
+    dpo = {"prompt": "Hi", "chosen": "Yo", "rejected": "No way, never."}  # 2 + max(2, 14)
+    iopo = {"x1": "A", "y1": "a", "x2": "Longer B?", "y2": "bbbbbb", "system": "Sys"}  # 3 + max(1, 9) + max(1, 6)
+    for kind, rec, want in (("dpo", dpo, 16), ("iopo", iopo, 18)):
+        rf = D.RecordFile(write(tmp_path, f"{kind}.jsonl", [rec]), kind)
+        got = (list(rf.char_lengths), D.EncodedDataset([rf[0]], kind, None).lengths())
+        assert got == ([want], [want]), f"{kind}: RecordFile and list lengths {got}, expected {want}"
+
+
+def test_a_selection_counts_into_the_parent_stats(tok):
+    """Encoding through a selected view (a holdout split) adds to the parent dataset's counters."""
+    examples = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": "Yes.", "rejected": "No."}
+                for i in range(4)]
+    ds = D.EncodedDataset(examples, "dpo", tok)
+    train, held = D.holdout_split(ds, 1, seed=0)
+    train.scan()
+    assert (ds.stats.examples, train.stats.examples) == (3, 3), (ds.stats, train.stats)
+    assert held.scan().examples == 4 and ds.stats.examples == 4, ds.stats
+
+
 def test_dataset_error_names_the_line(tmp_path, tok):
     """An encoding error inside the dataset names the file and line of the record."""
     class NoEndOfTurn(Trimming):
@@ -560,7 +644,9 @@ def test_ties_are_kept_and_counted(tmp_path):
     assert (stats.ties, stats.first_tie) == (1, f"{path}:2") and "ties 1" in str(stats), stats
     quads = [GOOD["iopo"], {"x1": "A", "y1": "a", "x2": "A", "y2": "b"}, {"x1": "A", "y1": "a", "x2": "B", "y2": "a"}]
     stats = D.ReadStats()
-    assert len(list(D.read_iopo(write(tmp_path, "q.jsonl", quads), stats=stats))) == 3 and stats.ties == 2
+    path = write(tmp_path, "q.jsonl", quads)
+    assert len(list(D.read_iopo(path, stats=stats))) == 3
+    assert (stats.ties, stats.first_tie) == (2, f"{path}:2"), f"the first of two ties is on line 2: {stats}"
 
 
 def test_tokenizer_round_trips_text_and_specials(tok_dir, tok):

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -152,8 +153,21 @@ def test_c_distributions():
     want = tg.c_counts(tg.TRAIN_C_COUNTS, 120)
     got = data["stats"]["train"]["hist"]
     assert {int(c): k for c, k in got.items()} == {c + 1: k for c, k in enumerate(want) if k}, f"train {got} vs {want}"
+    order = [len(r["checks"]) for r in data["sft"]]
+    assert order != sorted(order), f"train items should come in shuffled C order, got {order[:20]}..."
     ev = [r["constraints_num"] for r in data["eval"]]
     assert ev.count(1) == 20 and ev.count(2) == 10 and ev.count(9) == 10, f"eval C counts {sorted(set(ev))}"
+
+
+def test_c_tables_are_spec_section_3():
+    """The C tables are SPEC section 3's (paper Tables 1-2), copied here by hand: 119,345 train items with mean
+    4.36 and 1,042 evaluation items with mean 4.89."""
+    spec_train = [991, 8003, 26421, 34155, 26327, 13858, 5882, 2185, 999, 464, 8, 20, 20, 8, 4]
+    spec_eval = [200, 100, 100, 100, 100, 100, 100, 100, 100, 10, 10, 10, 4, 4, 4]
+    assert (tg.TRAIN_C_COUNTS, tg.EVAL_C_COUNTS) == (spec_train, spec_eval), (tg.TRAIN_C_COUNTS, tg.EVAL_C_COUNTS)
+    for table, n, mean in ((tg.TRAIN_C_COUNTS, 119345, 4.36), (tg.EVAL_C_COUNTS, 1042, 4.89)):
+        got = (sum(table), round(sum((c + 1) * k for c, k in enumerate(table)) / sum(table), 2))
+        assert got == (n, mean), f"{got}, SPEC says {(n, mean)}"
 
 
 def test_quality_control_rejects_conflicts():
@@ -177,6 +191,9 @@ def test_quality_control_rejects_conflicts():
         (spec("theme_repeat", topic="chess", k=2), spec("theme_repeat", topic="chess", k=3), "redundant"),
         (spec("exclude_words", words=["very"]), spec("exclude_words", words=["very"]), "redundant"),
         (spec("exclude_words", words=["just"]), spec("negative_example", phrase="Just saying"), None),
+        (spec("exclude_words", words=["very"]), spec("include_keywords", keywords=["very"]), "contradiction"),
+        (spec("bullet_list", n=3), spec("json_wrap", key="answer"), "contradiction"),
+        (spec("bullet_list", n=3), spec("numbered_list", n=3), "contradiction"),
     ]
     for a, b, kind in cases:
         reason = tg.qc_reason(ctx, [a], b)
@@ -188,6 +205,50 @@ def test_quality_control_rejects_conflicts():
     assert stats["qc_rejected_total"] > 0 and all(":" in r for r in stats["qc_rejected"]), stats["qc_rejected"]
     kinds = {r.split(":")[0] for r in stats["qc_rejected"]}
     assert {"incomplete", "redundant", "contradiction"} <= kinds, f"rejection kinds seen: {kinds}"
+
+
+def test_priority_is_primary_for_content_situation_and_format():
+    """CFBench's priority: Content, Situation and Format constraints are primary, Style and Example secondary."""
+    want = {"word_max": "primary", "role_intro": "primary", "letter_case": "primary", "tone_register": "secondary",
+            "emotion_lexicon": "secondary", "negative_example": "secondary", "positive_example": "secondary"}
+    rng = random.Random(0)
+    got = {name: spec_for(tg.FAMILIES[name], rng, task_for(tg.FAMILIES[name], rng))["priority"] for name in want}
+    assert got == want, got
+
+
+def test_sampler_boosts_a_family_on_tasks_with_its_input():
+    """A family that needs an input is weighted 1 / P(input kind) on tasks with that input (table: 1 / 0.1), so its
+    dimension keeps its share; a family that needs none keeps its weight (Inclusion 20 over 3 families)."""
+    sampler = tg.Sampler(list(tg.FAMILIES), toy=False)
+    weight = {kind: dict(zip((f.name for f in fams), ws)) for kind, (fams, ws) in sampler.by_kind.items()}
+    got = (weight["table"]["table_lookup"], weight[None]["table_lookup"], weight["table"]["include_keywords"],
+           weight["records"]["privacy_mask"])
+    assert got == pytest.approx((10.0, 1.0, 20 / 3, 1.5 / 0.07)), got
+    assert tg.Sampler(["letter_case"], toy=False).kinds == [k for k, _ in tg.INPUT_KIND_WEIGHTS], "inputs kept"
+    assert tg.Sampler(["table_lookup", "letter_case"], toy=False).kinds == [k for k, _ in tg.INPUT_KIND_WEIGHTS]
+    assert tg.Sampler(["table_lookup"], toy=False).kinds == ["table"], tg.Sampler(["table_lookup"], toy=False).kinds
+
+
+def test_task_facts_are_what_the_input_says():
+    """Every fact a lookup constraint may ask about holds the value the task's table or passage gives for it."""
+    rng = random.Random(0)
+    for _ in range(20):
+        ctx = tg.make_task(rng, False, kinds=["table"])
+        header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in ctx["input"].splitlines()]
+        cells = {(row[0], col): value for row in rows for col, value in zip(header[1:], row[1:])}
+        for question, value in ctx["facts"]:
+            col, row = re.fullmatch(r'the value in the "(.+)" column for (.+)', question).groups()
+            assert cells[row, col] == value, f"{question}: {value}, the table says {cells[row, col]}\n{ctx['input']}"
+        assert len(ctx["facts"]) == len(cells), (len(ctx["facts"]), len(cells))
+        ctx = tg.make_task(rng, False, kinds=["passage"])
+        text = ctx["input"]
+        said = {"the year": re.search(r"founded in (\d+)", text)[1],
+                "how many members": re.search(r"has (\d+) members", text)[1],
+                "how many programs": re.search(r"runs (\d+) programs", text)[1],
+                "the town": re.search(r"town of (\w+)", text)[1]}
+        for question, value in ctx["facts"]:
+            key = next(k for k in said if question.startswith(k))
+            assert value == said[key], f"{question}: {value}, the passage says {said[key]}: {text}"
 
 
 def test_generated_records_verify_and_render_like_trace():
@@ -202,9 +263,14 @@ def test_generated_records_verify_and_render_like_trace():
     for r in data["dpo"]:
         assert not all(tg.verified(r["checks"], r["rejected"])), "DPO rejected satisfies every constraint"
     for q in data["iopo"]:
+        block1, block2 = ("\n" + "\n".join(s["text"] for s in q[f"checks_{x}"]) + "\n" for x in ("x1", "x2"))
+        x1, x2 = q["x1"][1]["content"], q["x2"][1]["content"]
+        assert block1 in x1 and x1 != x2, f"x1 lacks its constraints or equals x2:\n{x1}"
+        assert x1.replace(block1, block2) == x2, f"x2 is not x1 with x2's constraints:\n{x2}"
         ok = (all(tg.verified(q["checks_x1"], q["y1"])), all(tg.verified(q["checks_x2"], q["y2"])),
               all(tg.verified(q["checks_x2"], q["y1"])), all(tg.verified(q["checks_x1"], q["y2"])))
         assert ok == (True, True, False, False), f"quadruple verdicts {ok} for edit {q['edit']['op']}"
+    assert [item["id"] for item in data["eval"]] == [str(i) for i in range(30)], [item["id"] for item in data["eval"]]
     for item in data["eval"]:
         assert all(tg.verified(item["checks"], item["reference"])), item["id"]
         expect = item["description"] + "\n" + item["constraints"] + "\n"
@@ -227,6 +293,28 @@ def test_real_fixture_matches_our_rendering_and_labels():
     s = tg.file_stats(FIXTURE)
     assert s["n"] == 3 and s["unmapped_labels"] == {}, s
     assert s["hist"] == {"1": 1, "3": 1, "11": 1} and s["mean_constraints"] == pytest.approx(5.0), s["hist"]
+
+
+def test_summary_and_printed_table_by_hand(capsys):
+    """summarize and print_stats on four label lists worked by hand: mean C 7 / 4, shares of 7 labels in percent."""
+    labels = [["Theme"], ["Theme"], ["Theme", "Inclusion", "Numerical"], ["语气风格约束", "Positive Example"]]
+    s = tg.summarize(labels)
+    assert (s["n"], s["mean_constraints"], s["hist"]) == (4, 1.75, {"1": 2, "2": 1, "3": 1}), s
+    tg.print_stats(s)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["instructions: 4   mean constraints: 1.75", "C:          1      2      3",
+                         "count:      2      1      1", "Content     71.4%   Theme 3, Inclusion 1, Numerical 1"], lines
+    assert lines[5] == "Style       14.3%   Tone and Style 1", lines
+    assert lines[7] == "Example     14.3%   Positive Example 1", lines
+
+
+def test_stats_reads_a_file_with_a_byte_order_mark(tmp_path, capsys):
+    """--stats reads a JSONL file that starts with a UTF-8 byte order mark, as some editors write it."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"levels2": ["Theme", "数值约束"]}\n{"levels2": ["Theme"]}\n'.encode())
+    tg.main(["--stats", str(path), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert (s["n"], s["dimension_counts"]) == (2, {"Theme": 2, "Numerical": 1}), s
 
 
 def test_check_errors_name_the_problem():
@@ -437,6 +525,8 @@ def test_toy_preset_is_short_and_surface_level():
     words = [tg.count_words(r["response"]) for r in data["sft"]]
     assert max(words) <= 45 and sum(words) / len(words) <= 30, f"toy response words max {max(words)}"
     assert data["stats"]["iopo_ops"].get("REVISE", 0) > 20, data["stats"]["iopo_ops"]
+    phrasings = {s["phrasing"] for r in data["sft"] + data["eval"] for s in r.get("checks", [])}
+    assert phrasings == {0, 1}, f"toy constraints use the first two phrasings of a family, got {sorted(phrasings)}"
     sub = tg.generate_data(20, 5, seed=3, families=["letter_case", "start_word"], toy=True, progress=False)
     assert {s["family"] for r in sub["sft"] for s in r["checks"]} <= {"letter_case", "start_word"}
 
@@ -500,6 +590,7 @@ def test_write_outputs_is_all_or_nothing(tmp_path):
     sft, dpo and iopo are written) leaves the earlier five files as they were and nothing else."""
     out = tmp_path / "data"
     tg.write_outputs(tg.generate_data(6, 3, seed=0, toy=True, progress=False), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["data"], f"after a good write: {sorted(tmp_path.iterdir())}"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     data = tg.generate_data(6, 3, seed=1, toy=True, progress=False)
     data["eval"][-1]["bad"] = {1, 2}  # a set: json.dumps fails inside the writing of eval.jsonl
