@@ -390,6 +390,9 @@ def test_trace_metrics_on_hand_judged_items():
     got = E.trace_report(rows)["metrics"]
     want = {"IF-S": 50.0, "IF-M": 100 / 3, "IF": 40.0, "CSR": 50.0, "ISR": 40.0, "PSR": 40.0}
     assert got == pytest.approx(want), got
+    table = E.trace_markdown(E.trace_report(rows)).splitlines()  # report.md: each number under its own heading
+    assert table[:3] == ["| IF-S | IF-M | IF | CSR | ISR | PSR |", "|---|---|---|---|---|---|",
+                         "| 50.0 | 33.3 | 40.0 | 50.0 | 40.0 | 40.0 |"], table[:3]
 
 
 def test_trace_malformed_spec_names_item():
@@ -469,6 +472,89 @@ def test_sampled_answers_draw_one_stream_across_batches(tiny_model, chatml_token
     assert len(set(first)) > 1 and run() == first, first
 
 
+def test_generate_responses_renders_prompts_batches_by_length_and_counts_cut_answers(
+        tiny_model, chatml_tokenizer_dir, monkeypatch):
+    """Each item reaches M.generate as its chat turns plus the assistant header (a bare prompt as a user turn),
+    batched shortest first; answers come back in item order without special tokens, and cut_at_limit counts
+    only the answers that used the whole token budget."""
+    import model as M
+    tok = M.load_tokenizer(chatml_tokenizer_dir)
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    items = [{"prompt": "Write exactly three sentences and end with a question?"},
+             {"messages": [system, {"role": "user", "content": "The river flows."}]},
+             {"prompt": "Hi."}, {"prompt": "Numbers like 12 appear here too."}]
+    turns = [[("user", items[0]["prompt"])], [("system", system["content"]), ("user", "The river flows.")],
+             [("user", "Hi.")], [("user", items[3]["prompt"])]]
+    rendered = [tok.encode("".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in t) + "<|im_start|>assistant\n")
+                for t in turns]
+    im_start, im_end = tok.token_id("<|im_start|>", "test"), tok.token_id("<|im_end|>", "test")
+    budget = 5
+    answers = [tok.encode("river") + [im_end], tok.encode("The river flows north through")[:budget],
+               [im_start] + tok.encode("hi"), tok.encode("blue")]
+    assert len(answers[1]) == budget and all(len(a) < budget for a in answers[:1] + answers[2:]), answers
+    batches = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        batches.append([len(p) for p in prompts])
+        for p in prompts:
+            assert list(p) in rendered, f"prompt {tok.decode(p, skip_special_tokens=False)!r} is not a rendered item"
+        return [answers[rendered.index(list(p))] for p in prompts]
+
+    monkeypatch.setattr(M, "generate", fake_generate)
+    counts = {}
+    got = E.generate_responses(tiny_model, tok, items, max_new_tokens=budget, batch_size=2, progress=False,
+                               counts=counts)
+    assert got == ["river", tok.decode(answers[1]), "hi", "blue"], got
+    assert counts == {"cut_at_limit": 1}, counts
+    lengths = [n for batch in batches for n in batch]
+    assert len(batches) == 2 and lengths == sorted(map(len, rendered)), f"batches of prompt lengths {batches}"
+
+
+def _echo_generation(monkeypatch, answer):
+    """eval.py's --model path without a model: every item is answered by answer(item)."""
+    monkeypatch.setattr(E, "_load_for_generation", lambda args: (None, None))
+    monkeypatch.setattr(E, "generate_responses", lambda model, tok, items, *a, **kw: [answer(it) for it in items])
+
+
+def test_model_answers_are_kept_with_their_own_items(tmp_path, toy_trace, monkeypatch):
+    """--model: each answer is stored and judged with the item it answers. TRACE items without an 'id' are keyed
+    by their 0-based position, and a --responses file may give those ids as integers; IFEval answers are paired
+    with their prompts."""
+    items = [{k: v for k, v in it.items() if k != "id"} for it in toy_trace["eval"][:3]]
+    data = tmp_path / "eval.jsonl"
+    E.write_jsonl(data, items)
+    _echo_generation(monkeypatch, lambda it: it["reference"])
+    E.main(["trace", "--data", str(data), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "gen")])
+    saved = E.read_jsonl(tmp_path / "gen" / "responses.jsonl")
+    assert saved == [{"id": str(n), "response": it["reference"]} for n, it in enumerate(items)], saved
+    report = json.loads((tmp_path / "gen" / "report.json").read_text())
+    assert report["missing_responses"] == 0 and report["metrics"]["IF"] == 100.0, report
+    as_ints = tmp_path / "ints.jsonl"
+    E.write_jsonl(as_ints, [{"id": n, "response": it["reference"]} for n, it in enumerate(items)])
+    E.main(["trace", "--data", str(data), "--responses", str(as_ints), "--out", str(tmp_path / "ints")])
+    report = json.loads((tmp_path / "ints" / "report.json").read_text())
+    assert report["missing_responses"] == 0 and report["metrics"]["IF"] == 100.0, report
+    _echo_generation(monkeypatch, lambda inp: f"answer to {inp['prompt']}")
+    E.main(["ifeval", "--input", str(FIXTURES / "ifeval_mini.jsonl"), "--model", str(tmp_path / "m"),
+            "--out", str(tmp_path / "if")])
+    prompts = [inp["prompt"] for inp in E.read_jsonl(FIXTURES / "ifeval_mini.jsonl")]
+    want = [{"prompt": p, "response": f"answer to {p}"} for p in prompts]
+    assert E.read_jsonl(tmp_path / "if" / "input_response_data.jsonl") == want
+    strict = E.read_jsonl(tmp_path / "if" / "eval_results_strict.jsonl")
+    assert [(r["prompt"], r["response"]) for r in strict] == [(w["prompt"], w["response"]) for w in want], strict
+
+
+def test_blank_answers_are_empty_and_only_absent_ones_missing():
+    """An answer of "" or only whitespace is empty (and fails), not missing; only an absent answer is missing."""
+    comma = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}}
+    items = [{"id": str(n), "checks": [comma]} for n in range(4)]
+    rows = E.judge_trace(items, ["", " \n\t", None, "Plain text."])
+    flags = [(r["missing"], r["empty"], r["follow_all"]) for r in rows]
+    assert flags == [(False, True, False), (False, True, False), (True, False, False), (False, False, True)], flags
+    report = E.trace_report(rows)
+    assert (report["missing_responses"], report["empty_responses"]) == (1, 2), report
+
+
 def test_ifeval_cli_and_compare(tmp_path, capsys):
     """ifeval writes the official files; compare prints Table 3 with blanks for metrics a report lacks."""
     out = tmp_path / "if"
@@ -515,6 +601,17 @@ def test_read_jsonl_bad_utf8_names_the_line_and_a_bom_is_read(tmp_path):
     assert E.read_jsonl(bom) == [{"id": "0"}, {"id": "1"}], E.read_jsonl(bom)
 
 
+def test_write_jsonl_creates_the_folder_and_replaces_the_file_whole(tmp_path):
+    """write_jsonl creates missing folders, writes non-ASCII text as is, and leaves no temporary file."""
+    path = tmp_path / "new" / "deeper" / "rows.jsonl"
+    E.write_jsonl(path, [{"id": "0", "response": "caf\u00e9"}])
+    E.write_jsonl(path, [{"id": "1", "response": "ok"}])
+    assert path.read_text(encoding="utf-8") == '{"id": "1", "response": "ok"}\n', path.read_text(encoding="utf-8")
+    E.write_jsonl(path, [{"id": "2", "response": "caf\u00e9"}])
+    assert "caf\u00e9" in path.read_text(encoding="utf-8") and E.read_jsonl(path)[0]["response"] == "caf\u00e9"
+    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"], list(path.parent.iterdir())
+
+
 def test_trace_with_model_checks_every_prompt_before_loading_it(tmp_path):
     """--model: a malformed 'messages' list stops at file:line before the model loads (was an AttributeError)."""
     item = {"id": "0", "messages": [{"role": "user", "content": "Say hi in quotes."}],
@@ -554,7 +651,7 @@ def test_ifeval_answers_get_lm_evals_token_budget():
     assert parse(["trace", "--data", "d", "--responses", "r"]).max_new_tokens == 512
 
 
-def test_default_labels_name_the_run_not_its_final_folder(tmp_path):
+def test_default_labels_name_the_run_not_its_final_folder(tmp_path, monkeypatch):
     """Without --label, RUN/final is labelled RUN and RUN/checkpoint-N RUN/checkpoint-N, so compare keeps runs apart."""
     from argparse import Namespace
     import eval as E
@@ -563,6 +660,9 @@ def test_default_labels_name_the_run_not_its_final_folder(tmp_path):
     assert label(tmp_path / "iopo" / "checkpoint-40") == "iopo/checkpoint-40"
     assert label(tmp_path / "Qwen2-7B-Instruct") == "Qwen2-7B-Instruct"
     assert E._label(Namespace(label=None, model=None, responses="runs/gpt4.jsonl")) == "gpt4"
+    (tmp_path / "dpo" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "dpo")  # a relative path is named after the folder it resolves to
+    assert (label("final"), label("final/."), label(".")) == ("dpo", "dpo", "dpo"), (label("final"), label("."))
 
 
 def _trace_files(tmp_path, toy_trace, n=4):

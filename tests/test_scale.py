@@ -90,6 +90,19 @@ def test_ddp_two_processes_log_the_losses_of_one(toy, tmp_path):
         assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"{m}: 2 processes {two} vs 1 process {one}"
 
 
+def test_ddp_held_out_loss_with_the_reference_per_step(toy, tmp_path):
+    """Under DDP only rank 0 evaluates: with --ref-on-the-fly it scores the held-out reference alone (a pass shared
+    with the other process would wait for it forever) and logs the held-out losses of one process."""
+    folder, paths, base = toy
+    kw = dict(ref_on_the_fly=True, max_steps=2, eval_every=1, eval_size=4, grad_accum=1)
+    run_ranks([argv("dpo", base, paths["dpo"], tmp_path / "ddp", **kw)], timeout=60)
+    iopo.main(argv("dpo", base, paths["dpo"], tmp_path / "one", **kw))
+    logged = lambda out: [json.loads(line)[k] for line in (out / "metrics.jsonl").read_text().splitlines()
+                          for k in ("loss", "eval/loss")]
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "ddp")
+    assert len(two) == 4 and two == pytest.approx(one, abs=1e-5), f"2 processes {two} vs 1 process {one}"
+
+
 def test_ddp_processes_draw_their_own_dropout(toy, tmp_path, monkeypatch):
     """2 DDP processes each draw their own dropout (seeded with seed + rank): their first steps differ."""
     folder, paths, base = toy
@@ -234,6 +247,28 @@ def test_fsdp_with_compiled_blocks(toy, tmp_path, monkeypatch):
     assert len(two) == 2 and two == pytest.approx(one, abs=1e-5), f"FSDP + compile {two} vs 1 eager process {one}"
 
 
+def test_a_gpu_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Under torchrun on GPUs a process joins with NCCL and takes the GPU numbered by LOCAL_RANK (its place on its
+    node; RANK counts over all nodes); on the CPU it joins with gloo and keeps its device; outside torchrun it is
+    process 0 of 1. The process group is faked: no GPU is needed."""
+    joined, chosen = [], []
+    monkeypatch.setattr(iopo.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(iopo.dist, "init_process_group", lambda backend, timeout: joined.append((backend, timeout)))
+    monkeypatch.setattr(iopo.dist, "get_rank", lambda: 5)
+    monkeypatch.setattr(iopo.dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert iopo.setup_distributed(torch.device("cpu")) == ((0, 1), torch.device("cpu")) and not joined
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    got = iopo.setup_distributed(torch.device("cuda"), timeout_minutes=2)
+    assert got == ((5, 8), torch.device("cuda", 1)) and chosen == [torch.device("cuda", 1)], (got, chosen)
+    assert iopo.setup_distributed(torch.device("cpu")) == ((5, 8), torch.device("cpu")), "the CPU keeps its device"
+    assert [b for b, _ in joined] == ["nccl", "gloo"] and joined[0][1].total_seconds() == 120, joined
+
+
 def test_fsdp_needs_torchrun():
     """--fsdp in a single process stops with a message that says to run it under torchrun."""
     with pytest.raises(SystemExit, match="torchrun"):
@@ -356,11 +391,12 @@ def test_packed_logprobs_equal_unpacked_under_a_sliding_window(encoded, layout):
 @pytest.mark.parametrize("packed_attention", ["mask", "rows"])
 @pytest.mark.parametrize("kind,variant", [("dpo", "full"), ("iopo", "full"), ("iopo", "three_seq")])
 def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
-    """Through Scorer and method_loss in float32, packed rows give the unpacked log-probs, loss and gradients,
-    with y_b kept from y_a by the mask or by the two causal passes."""
+    """Through Scorer and method_loss in float32, packed rows give the unpacked log-probs, answer lengths, loss
+    (with the SFT term, which divides by those lengths) and gradients, with y_b kept from y_a by the mask or by
+    the two causal passes."""
     net, tok, data, _ = encoded
     examples = [data[kind][i] for i in range(6)]
-    cfg = iopo.TrainConfig(method=kind, variant=variant, beta=0.5)
+    cfg = iopo.TrainConfig(method=kind, variant=variant, beta=0.5, ftx=0.5)
     k = iopo.SEQS_PER_EXAMPLE[kind]
     ref = -20 * torch.rand(len(examples), k, generator=torch.Generator().manual_seed(0))  # (B, k) made-up reference
     plain = iopo.policy_rows(cfg, COLLATORS[kind](examples, tok.pad_token_id))
@@ -375,6 +411,13 @@ def test_packed_equals_unpacked(encoded, kind, variant, packed_attention):
         order = torch.cat([order[:12], order[18:]])
     torch.testing.assert_close(order, sums_plain, rtol=0, atol=1e-5,
                                msg=lambda m: f"{kind}: packed vs unpacked sequence log-probs: {m}")
+    no_logps = lambda b: torch.zeros(*b["labels"][:, 1:].shape)  # noqa: E731  (R, T-1): only the counts matter
+    _, n_plain = iopo.sequence_sums(cfg, no_logps(plain), plain["labels"])
+    _, n_packed = iopo.sequence_sums(cfg, torch.stack([no_logps(packed)] * 2), packed["labels"], packed["labels_b"])
+    if variant == "three_seq":
+        n_packed = torch.cat([n_packed[:12], n_packed[18:]])
+    assert n_packed.tolist() == n_plain.tolist(), \
+        f"{kind}/{variant}: scored tokens per answer, packed {n_packed.tolist()} vs unpacked {n_plain.tolist()}"
     torch.testing.assert_close(loss_packed, loss_plain, rtol=1e-6, atol=1e-6)
     worst = max((grads_packed[n] - grads_plain[n]).abs().max().item() for n in grads_plain)
     scale = max(g.abs().max().item() for g in grads_plain.values())

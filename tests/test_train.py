@@ -455,6 +455,14 @@ def test_toy_reproduction_end_to_end(tmp_path, capsys):
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [(q["x1"], q["y1"], q["y2"]) for q in quads]
     iopo_rows = [json.loads(l) for l in (tmp_path / "seed0" / "iopo" / "metrics.jsonl").read_text().splitlines()]
     assert len(iopo_rows) == 2 and "accuracy/input" in iopo_rows[0], iopo_rows
+    sft_final = str(tmp_path / "seed0" / "sft" / "final")
+    runs = {"dpo": ("dpo", "full"), "iopo": ("iopo", "full"), "iopo_wo_input_pref": ("iopo", "no_input_pref"),
+            "iopo_wo_output_pref": ("iopo", "no_output_pref"), "dpo_with_y2_as_loser": ("dpo", "full")}
+    for folder, (method, variant) in runs.items():  # every preference run starts from the SFT model
+        saved = json.loads((tmp_path / "seed0" / folder / "config.json").read_text())
+        got = {k: saved[k] for k in ("method", "variant", "model", "lr", "max_steps", "batch_size", "beta")}
+        assert got == {"method": method, "variant": variant, "model": sft_final, "lr": 1e-4, "max_steps": 2,
+                       "batch_size": 2, "beta": 0.1}, (folder, got)
 
 
 def test_toy_summary_over_seeds(tmp_path, capsys):
@@ -488,12 +496,38 @@ def test_toy_summary_over_seeds(tmp_path, capsys):
     iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
     out = capsys.readouterr().out
     assert "| DPO | 1 | 50.0 |" in out and "| DPO |  |  |  |" in out, out
+    for seed, (sft, iopo_) in ((10, (80, 60)), (2, (60, 70)), (1, (70, 80))):  # made in this order on purpose
+        (tmp_path / "tie" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "tie" / f"seed{seed}" / "results.json").write_text(
+            json.dumps({"SFT": metrics(sft), "IOPO": metrics(iopo_)}))
+    iopo.main(["toy", "--summary", "--out", str(tmp_path / "tie")])
+    out = capsys.readouterr().out  # seeds in numeric order; IOPO - SFT: 10, 10, -20, a mean of 0 (no sign), sd 17.3
+    assert out.startswith("Seeds: 1, 2, 10;"), out
+    assert "| SFT |  | 0.0 ± 17.3 (1:2 of 3) |" in out and "| IOPO | 0.0 ± 17.3 (2:1 of 3) |  |" in out, out
     (tmp_path / "one" / "seed5").mkdir()
     for bad, message in (("{", "not JSON"), ("{}", "not a toy results.json"), ('{"SFT": {"IF-S": 1.0}}', "not a toy"),
                          (json.dumps({"SFT": {**metrics(1), "IF-M": "x"}}), "not a toy results.json")):
         (tmp_path / "one" / "seed5" / "results.json").write_text(bad)
         with pytest.raises(SystemExit, match=rf"seed5.results\.json: {message}"):
             iopo.main(["toy", "--summary", "--out", str(tmp_path / "one")])
+
+
+def test_build_network_loads_the_weights_the_settings_ask_for(toy_dir, tmp_path):
+    """build_network: full fine-tuning keeps float32 weights under --dtype bfloat16 (autocast does the rest), LoRA
+    freezes a bfloat16 base; --grad-checkpointing reaches the model; LoRA's A matrices are drawn from --seed alone."""
+    folder, paths, base = toy_dir
+    a_matrices = []
+    for lora_rank, want in ((0, torch.float32), (4, torch.bfloat16), (4, torch.bfloat16)):
+        torch.manual_seed(len(a_matrices))  # whatever ran before must not change the adapters
+        cfg = config(base, paths["dpo"], tmp_path, "dpo", dtype="bfloat16", lora_rank=lora_rank,
+                     grad_checkpointing=True)
+        model, lora, scorer, load_dtype = iopo.build_network(cfg, None, torch.device("cpu"), "mask")
+        dtype = model.model.embed_tokens.weight.dtype
+        assert load_dtype == want and dtype == want, f"lora_rank {lora_rank}: loaded {load_dtype}, weights {dtype}"
+        assert model.gradient_checkpointing is True and scorer.model is model
+        if lora_rank:
+            a_matrices.append(torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("lora_A")]))
+    assert torch.equal(*a_matrices), "LoRA's A matrices differ between two builds with the same --seed"
 
 
 def test_lora_layer_by_hand():
