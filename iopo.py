@@ -1134,12 +1134,12 @@ def usable_cache(cache, n, k):
     if not cache.is_file():
         return False
     try:
-        with safe_open(cache, framework="pt") as f:
-            table = f.get_tensor("ref_logps")
-        why = (f"holds a table of shape {list(table.shape)}, expected [{n}, {k}]" if table.shape != (n, k)
+        table = read_tensors(cache, "the reference cache").get("ref_logps")
+        why = ("holds no ref_logps tensor" if table is None
+               else f"holds a table of shape {list(table.shape)}, expected [{n}, {k}]" if table.shape != (n, k)
                else "holds non-finite log-probs" if not torch.isfinite(table).all() else None)
-    except Exception as e:  # safetensors raises its own error type for a bad header or a missing tensor
-        why = f"cannot be read ({e})"
+    except ValueError as e:  # reported, not raised: a cache can always be computed again
+        why = str(e).removeprefix(f"{cache}: ")
     if why:
         print(f"warning: reference cache {cache} {why}; computing it again")
     return why is None
@@ -1294,10 +1294,10 @@ def stale_outputs(cfg, resume_dir, resume_step):
     if resume_dir is not None and out.resolve() == resume_dir.parent.resolve():
         return [(old, f"it is later than step {resume_step}, where this run continues")
                 for old in checkpoints(out) if _step_of(old) > resume_step]
-    marks = [out / "metrics.jsonl", out / "final", *checkpoints(out)] if out.is_dir() else []
-    earlier = [p for p in marks if p.exists()]
+    found = checkpoints(out) if out.is_dir() else []
+    earlier = [p for p in [out / "metrics.jsonl", out / "final", *found] if p.exists()]
     if earlier and not cfg.overwrite:
-        resume = f"continue it with --resume {out}, or " if checkpoints(out) else ""
+        resume = f"continue it with --resume {out}, or " if found else ""
         raise ValueError(f"--out {out} holds an earlier run ({', '.join(p.name for p in earlier)}): {resume}start "
                          f"over with --overwrite, or choose another --out")
     return [(old, "--overwrite: it belongs to the earlier run") for old in earlier]
