@@ -3,7 +3,7 @@
     python bench.py --kernel      # fused log-prob kernel vs log_softmax + gather (iopo.py)
     python bench.py --generate    # generation with the KV cache vs recomputing the prefix; load time (model.py)
     python bench.py --train       # SFT vs DPO vs IOPO step time and peak memory (iopo.py)
-    python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (78 s on an H100)
+    python bench.py --train --device cuda --quick   # the same for Qwen2-0.5B / 7B shapes (80-85 s on an H100)
     python bench.py --attention   # packed rows: two causal attention passes vs one explicit mask (model.py)
     python bench.py --padding     # padding share of batches, random vs --group-by-length (data.py)
 
