@@ -373,16 +373,19 @@ def test_trace_breakdowns_and_missing(toy_trace):
     assert report["metrics"]["IF"] == pytest.approx(expected_if), report["metrics"]
 
 
+# a check spec as trace_gen writes it, less its priority
+NO_COMMAS = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}}
+
+
 def test_trace_metrics_on_hand_judged_items():
     """IF-S, IF-M, IF and CFBench's scores on five items judged by hand; a spec without a priority is primary.
 
     s1 [pass], s2 [fail, no priority], m1 [pass P, fail S], m2 [pass, pass], m3 [fail, fail]:
     IF-S 1/2, IF-M 1/3, IF 2/5, CSR (1 + 0 + 0.5 + 1 + 0) / 5, ISR 2/5, PSR (1 + 0 + 0 + 1 + 0) / 5.
     """
-    comma = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}}
     quotes = {"dimension": "Output Format", "type": "Format", "family": "quotes_wrap", "params": {}}
-    P, S = dict(comma, priority="primary"), dict(quotes, priority="secondary")
-    items = [{"id": "s1", "checks": [P]}, {"id": "s2", "checks": [comma]}, {"id": "m1", "checks": [P, S]},
+    P, S = dict(NO_COMMAS, priority="primary"), dict(quotes, priority="secondary")
+    items = [{"id": "s1", "checks": [P]}, {"id": "s2", "checks": [NO_COMMAS]}, {"id": "m1", "checks": [P, S]},
              {"id": "m2", "checks": [P, S]}, {"id": "m3", "checks": [P, S]}]
     rows = E.judge_trace(items, ["Plain text.", "a, b.", "Plain text.", '"Plain."', "a, b."])
     assert [r["verdicts"] for r in rows] == [[True], [False], [True, False], [True, True], [False, False]], rows
@@ -397,7 +400,7 @@ def test_trace_metrics_on_hand_judged_items():
 
 def test_trace_malformed_spec_names_item():
     """A spec with an unknown family or without params is an error naming the item and the constraint."""
-    good = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}, "priority": "primary"}
+    good = dict(NO_COMMAS, priority="primary")
     bad = dict(good, family="no_such_family")
     with pytest.raises(ValueError, match=r"item 7, constraint 2: unknown constraint family"):
         E.judge_trace([{"id": "7", "checks": [good, bad]}], ["hello"])
@@ -546,8 +549,7 @@ def test_model_answers_are_kept_with_their_own_items(tmp_path, toy_trace, monkey
 
 def test_blank_answers_are_empty_and_only_absent_ones_missing():
     """An answer of "" or only whitespace is empty (and fails), not missing; only an absent answer is missing."""
-    comma = {"dimension": "Exclusion", "type": "Content", "family": "no_commas", "params": {}}
-    items = [{"id": str(n), "checks": [comma]} for n in range(4)]
+    items = [{"id": str(n), "checks": [NO_COMMAS]} for n in range(4)]
     rows = E.judge_trace(items, ["", " \n\t", None, "Plain text."])
     flags = [(r["missing"], r["empty"], r["follow_all"]) for r in rows]
     assert flags == [(False, True, False), (False, True, False), (True, False, False), (False, False, True)], flags

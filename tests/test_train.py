@@ -350,11 +350,16 @@ def test_resume_restores_the_cuda_generators_device_by_device(tmp_path, monkeypa
         assert got == list(range(devices)), f"{devices} devices: restored the states of {got}"
 
 
+def lora_adapters(model):
+    """Adds rank-2 LoRA to `model` and returns its adapter tensors, as a checkpoint's adapter.safetensors holds them."""
+    iopo.add_lora(model, 2, 16.0, 0.0)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
 def test_damaged_lora_adapters_are_an_error_naming_the_file(tiny_model, tmp_path):
     """A LoRA checkpoint whose adapter.safetensors is missing, cut short or of another rank stops the resume with
     the file's name (were an errno message, a SafetensorError traceback and a RuntimeError traceback)."""
-    iopo.add_lora(tiny_model, 2, 16.0, 0.0)
-    adapters = {k: v.detach().contiguous() for k, v in tiny_model.state_dict().items() if ".lora_" in k}
+    adapters = lora_adapters(tiny_model)
     file = tmp_path / "adapter.safetensors"
     with pytest.raises(FileNotFoundError, match=f"{file}: file not found"):
         iopo.load_adapters(tmp_path, tiny_model)
@@ -751,8 +756,7 @@ def test_checkpoint_saved_again_at_the_same_step_replaces_the_old_one(tiny_model
 def test_lora_adapters_missing_or_unknown_are_refused(tiny_model, tmp_path):
     """An adapter file without some of the model's adapters (the B matrices) or with one the model lacks is refused,
     naming them: loaded with strict=False, the missing ones would silently keep their fresh values."""
-    iopo.add_lora(tiny_model, 2, 16.0, 0.0)
-    adapters = {k: v.detach().contiguous() for k, v in tiny_model.state_dict().items() if ".lora_" in k}
+    adapters = lora_adapters(tiny_model)
     file = tmp_path / "adapter.safetensors"
     save_file({k: v for k, v in adapters.items() if ".lora_A" in k}, file)
     with pytest.raises(ValueError, match=r"adapters do not match the model \(unexpected \[\], missing \['.*lora_B'"):
