@@ -1031,8 +1031,9 @@ def main():
             print(f"{mid:<12} {file:<13} {selection}{'  [equivalent]' if mid in EQUIVALENT else ''}")
         return 0
     if args.check:
-        bad = table_problems() + [f"{mid}: old text found {(REPO / f).read_text().count(old)} times in {f}"
-                                  for mid, f, old, _, _ in chosen if (REPO / f).read_text().count(old) != 1]
+        sources = {f: (REPO / f).read_text() for f in {m[1] for m in chosen}}
+        bad = table_problems() + [f"{mid}: old text found {sources[f].count(old)} times in {f}"
+                                  for mid, f, old, _, _ in chosen if sources[f].count(old) != 1]
         print("\n".join(bad) or f"{len(chosen)} mutants, each applies exactly once")
         return 1 if bad else 0
 
